@@ -1,0 +1,454 @@
+#!/usr/bin/env bash
+# Bring up (idempotently) the services outboxd needs for development and tests:
+#   * a local PostgreSQL cluster (Debian packages) with role/database `outboxd`
+#   * FerretDB 1.24.2 (SQLite backend) on 127.0.0.1:27017, unless MONGODB_URL
+#     already points at a reachable MongoDB-compatible server.
+#
+# Progress goes to stderr; stdout carries only eval-able lines:
+#   eval "$(scripts/services.sh)"        # or: eval "$(make -s services)"
+#
+# Usage: scripts/services.sh [up|stop|status]     (default: up)
+# shellcheck disable=SC2015,SC2016  # intentional: A && B || die; single-quoted bash -c bodies
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOOLS="$ROOT/.tools"
+STATE="$ROOT/.state"
+
+PG_PORT=5432
+PG_ROLE=outboxd
+PG_PASSWORD=outboxd
+PG_DB=outboxd
+PG_MAX_CONNECTIONS=400
+
+FERRET_VERSION=v1.24.2
+FERRET_MODULE=github.com/FerretDB/FerretDB
+FERRET_BIN="$TOOLS/bin/ferretdb"
+FERRET_HOST=127.0.0.1
+FERRET_PORT="${SERVICES_FERRETDB_PORT:-27017}"   # override only to avoid a port clash
+FERRET_STATE="$STATE/ferretdb"
+FERRET_PIDFILE="$FERRET_STATE/ferretdb.pid"
+FERRET_LOG="$FERRET_STATE/ferretdb.log"
+GO_MIN_MAJOR=1
+GO_MIN_MINOR=24
+
+# Common install locations that may be missing from PATH (non-login shells, CI).
+for d in /usr/local/go/bin "${HOME:-/root}/go/bin" "${HOME:-/root}/.cargo/bin"; do
+    case ":$PATH:" in *":$d:"*) ;; *) [ -d "$d" ] && PATH="$PATH:$d" ;; esac
+done
+export PATH
+
+log() { printf 'services: %s\n' "$*" >&2; }
+die() {
+    printf 'services: ERROR: %s\n' "$1" >&2
+    shift
+    local line
+    for line in "$@"; do printf 'services:        %s\n' "$line" >&2; done
+    exit 1
+}
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# tcp_open HOST PORT: succeeds if a TCP connection can be made within 3 s.
+tcp_open() {
+    timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" >/dev/null 2>&1
+}
+
+# mongo_ping HOST PORT: sends a real OP_MSG {ping: 1, $db: "admin"} and checks
+# that a wire-protocol reply with {ok: 1.0} comes back.
+mongo_ping() {
+    timeout 5 bash -c '
+        exec 3<>"/dev/tcp/$1/$2" || exit 1
+        # header(len=51, requestID=1, responseTo=0, opCode=2013 OP_MSG), flags=0,
+        # section kind 0, BSON {ping: int32 1, $db: "admin"} (30 bytes)
+        printf "\x33\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\xdd\x07\x00\x00\x00\x00\x00\x00\x00\x1e\x00\x00\x00\x10ping\x00\x01\x00\x00\x00\x02\$db\x00\x06\x00\x00\x00admin\x00\x00" >&3
+        n=$(head -c 4 <&3 | od -An -tu4 | tr -d " \n")
+        [ -n "$n" ] && [ "$n" -gt 16 ] && [ "$n" -lt 1048576 ] || exit 1
+        # reply must contain the element ok: 1.0 (type 0x01 double, "ok\0", 1.0 LE)
+        head -c $((n - 4)) <&3 | od -An -v -tx1 | tr -d " \n" | grep -q "016f6b00000000000000f03f"
+    ' _ "$1" "$2" >/dev/null 2>&1
+}
+
+# ---------------------------------------------------------------- PostgreSQL
+
+pg_version() {
+    # Highest installed server major version that has a postgres binary.
+    local v best=""
+    for v in /usr/lib/postgresql/*/bin/postgres; do
+        [ -x "$v" ] || continue
+        v="${v#/usr/lib/postgresql/}"
+        v="${v%%/*}"
+        if [ -z "$best" ] || [ "$v" -gt "$best" ]; then best="$v"; fi
+    done
+    printf '%s' "$best"
+}
+
+# psql as the postgres superuser over the local socket.
+pg_super() {
+    local -a cmd=(psql -X -q -v ON_ERROR_STOP=1 -h /var/run/postgresql -p "$PG_PORT" -d postgres "$@")
+    if [ "$(id -u)" -eq 0 ]; then
+        runuser -u postgres -- "${cmd[@]}"
+    elif [ "$(id -un)" = postgres ]; then
+        "${cmd[@]}"
+    elif have sudo; then
+        sudo -n -u postgres -- "${cmd[@]}"
+    else
+        die "need to run psql as the postgres OS user" "run this script as root (or with passwordless sudo)"
+    fi
+}
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"
+    elif have sudo; then sudo -n "$@"
+    else return 1
+    fi
+}
+
+ensure_postgres_installed() {
+    if have pg_ctlcluster && have psql && [ -n "$(pg_version)" ]; then
+        return 0
+    fi
+    log "PostgreSQL server not found; installing Debian package 'postgresql' (apt-get)"
+    if ! have apt-get; then
+        die "PostgreSQL is not installed and apt-get is not available" \
+            "install a PostgreSQL server (with Debian's postgresql-common tools) yourself, then re-run"
+    fi
+    if ! { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q &&
+           as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; } >&2; then
+        die "could not install PostgreSQL with apt-get" \
+            "run as root: apt-get update && apt-get install -y postgresql" \
+            "then re-run: make services"
+    fi
+    have pg_ctlcluster && [ -n "$(pg_version)" ] ||
+        die "apt-get installed 'postgresql' but no server binary was found under /usr/lib/postgresql/*/bin"
+}
+
+pg_cluster_port() { # VER -> port of cluster main, empty if absent
+    pg_lsclusters -h 2>/dev/null | awk -v v="$1" '$1 == v && $2 == "main" { print $3 }'
+}
+
+pg_cluster_running() { # VER
+    pg_ctlcluster "$1" main status >/dev/null 2>&1
+}
+
+pg_wait_ready() {
+    local i
+    for i in $(seq 1 60); do
+        if pg_isready -q -h 127.0.0.1 -p "$PG_PORT" 2>/dev/null; then return 0; fi
+        sleep 0.5
+    done
+    return 1
+}
+
+ensure_postgres() {
+    ensure_postgres_installed
+    local ver port conf hba
+    ver="$(pg_version)"
+    port="$(pg_cluster_port "$ver")"
+    if [ -z "$port" ]; then
+        log "creating PostgreSQL $ver cluster 'main' on port $PG_PORT"
+        as_root pg_createcluster --port "$PG_PORT" "$ver" main >&2 ||
+            die "pg_createcluster $ver main failed" "see the messages above"
+        port="$PG_PORT"
+    fi
+    conf="/etc/postgresql/$ver/main"
+
+    if [ "$port" != "$PG_PORT" ]; then
+        log "PostgreSQL $ver/main is configured for port $port; switching it to $PG_PORT"
+        if pg_cluster_running "$ver"; then as_root pg_ctlcluster "$ver" main stop >&2; fi
+        as_root pg_conftool "$ver" main set port "$PG_PORT" >&2
+    fi
+
+    # TCP on 127.0.0.1 with password auth (Debian's default is scram-sha-256).
+    hba="$conf/pg_hba.conf"
+    if [ -f "$hba" ] && ! grep -Eq '^[[:space:]]*host[[:space:]]+all[[:space:]]+all[[:space:]]+127\.0\.0\.1/32[[:space:]]+(scram-sha-256|md5|password)' "$hba"; then
+        log "adding 'host all all 127.0.0.1/32 scram-sha-256' to $hba"
+        printf 'host    all             all             127.0.0.1/32            scram-sha-256\n' | as_root tee -a "$hba" >/dev/null
+        if pg_cluster_running "$ver"; then as_root pg_ctlcluster "$ver" main reload >&2; fi
+    fi
+    local listen
+    listen="$(pg_conftool -s "$ver" main show listen_addresses 2>/dev/null || true)"
+    case "$listen" in
+        "" | *localhost* | *127.0.0.1* | *"*"*) ;;
+        *)
+            log "listen_addresses is '$listen'; setting it to 'localhost'"
+            as_root pg_conftool "$ver" main set listen_addresses localhost >&2
+            if pg_cluster_running "$ver"; then as_root pg_ctlcluster "$ver" main restart >&2; fi
+            ;;
+    esac
+
+    if ! pg_cluster_running "$ver"; then
+        log "starting PostgreSQL $ver/main"
+        as_root pg_ctlcluster "$ver" main start >&2 ||
+            die "could not start PostgreSQL $ver/main" "see /var/log/postgresql/postgresql-$ver-main.log"
+    else
+        log "PostgreSQL $ver/main is running"
+    fi
+    pg_wait_ready || die "PostgreSQL did not accept connections on 127.0.0.1:$PG_PORT within 30 s" \
+        "see /var/log/postgresql/postgresql-$ver-main.log"
+
+    local cur
+    cur="$(pg_super -tAc 'SHOW max_connections')"
+    if [ "$cur" != "$PG_MAX_CONNECTIONS" ]; then
+        log "setting max_connections = $PG_MAX_CONNECTIONS (was $cur); restarting PostgreSQL"
+        pg_super -c "ALTER SYSTEM SET max_connections = $PG_MAX_CONNECTIONS"
+        as_root pg_ctlcluster "$ver" main restart >&2 ||
+            die "could not restart PostgreSQL $ver/main" "see /var/log/postgresql/postgresql-$ver-main.log"
+        pg_wait_ready || die "PostgreSQL did not come back after restart" \
+            "see /var/log/postgresql/postgresql-$ver-main.log"
+    fi
+
+    # Role and database (idempotent). The test suite creates a database per
+    # test and its own login roles, hence CREATEDB CREATEROLE.
+    pg_super <<SQL
+DO \$\$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_ROLE') THEN
+        CREATE ROLE $PG_ROLE;
+    END IF;
+END
+\$\$;
+ALTER ROLE $PG_ROLE WITH LOGIN CREATEDB CREATEROLE PASSWORD '$PG_PASSWORD';
+SQL
+    if [ "$(pg_super -tAc "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'")" != 1 ]; then
+        log "creating database $PG_DB"
+        pg_super -c "CREATE DATABASE $PG_DB OWNER $PG_ROLE"
+    fi
+
+    if ! PGPASSWORD="$PG_PASSWORD" PGCONNECT_TIMEOUT=5 psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U "$PG_ROLE" -d "$PG_DB" \
+        -tAc 'SELECT 1' >/dev/null 2>&1; then
+        die "cannot log in as $PG_ROLE over TCP at 127.0.0.1:$PG_PORT" \
+            "check $hba (needs a 'host ... 127.0.0.1/32 scram-sha-256' line) and the server log"
+    fi
+    log "PostgreSQL ready: postgres://$PG_ROLE:***@127.0.0.1:$PG_PORT/$PG_DB"
+}
+
+# ------------------------------------------------------------------ FerretDB
+
+go_version_ok() { # prints the found version; succeeds if >= GO_MIN
+    local v maj min
+    v="$(go env GOVERSION 2>/dev/null || true)"
+    printf '%s' "${v:-unknown}"
+    [[ "$v" =~ ^go([0-9]+)\.([0-9]+) ]] || return 1
+    maj="${BASH_REMATCH[1]}"
+    min="${BASH_REMATCH[2]}"
+    [ "$maj" -gt "$GO_MIN_MAJOR" ] || { [ "$maj" -eq "$GO_MIN_MAJOR" ] && [ "$min" -ge "$GO_MIN_MINOR" ]; }
+}
+
+ferret_bin_ok() {
+    [ -x "$FERRET_BIN" ] && "$FERRET_BIN" --version 2>/dev/null | grep -q "version: $FERRET_VERSION"
+}
+
+build_ferretdb() {
+    local hint="or point MONGODB_URL at an existing MongoDB (e.g. export MONGODB_URL=mongodb://host:27017/outboxd) and re-run"
+    if ! have go; then
+        die "Go >= $GO_MIN_MAJOR.$GO_MIN_MINOR is needed to build FerretDB $FERRET_VERSION, but 'go' was not found (looked in PATH and /usr/local/go/bin)" \
+            "install Go $GO_MIN_MAJOR.$GO_MIN_MINOR or newer (Debian 12's golang package is too old) and put it on PATH," \
+            "$hint"
+    fi
+    local gv
+    if ! gv="$(go_version_ok)"; then
+        die "Go >= $GO_MIN_MAJOR.$GO_MIN_MINOR is needed to build FerretDB $FERRET_VERSION, but found $gv ($(command -v go))" \
+            "install Go $GO_MIN_MAJOR.$GO_MIN_MINOR or newer and put it first on PATH," \
+            "$hint"
+    fi
+    log "building FerretDB $FERRET_VERSION with $gv (first time only; takes a few minutes)"
+
+    # A plain `go install $FERRET_MODULE/cmd/ferretdb@$FERRET_VERSION` produces a
+    # binary that panics at start-up: FerretDB requires build/version/version.txt,
+    # which is generated by its own build tooling and absent from the module zip.
+    # So: fetch the module, copy it, add version.txt, and build from the copy.
+    export GOTOOLCHAIN=local GO111MODULE=on
+    local gomodcache_dir src tmp
+    mkdir -p "$TOOLS/src" "$TOOLS/bin"
+    gomodcache_dir="$(cd "$TOOLS" && go mod download -json "$FERRET_MODULE@$FERRET_VERSION" |
+        sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')" ||
+        die "could not download Go module $FERRET_MODULE@$FERRET_VERSION (Go module proxy unreachable?)" "$hint"
+    [ -n "$gomodcache_dir" ] && [ -d "$gomodcache_dir" ] ||
+        die "go mod download did not report a source directory for $FERRET_MODULE@$FERRET_VERSION" "$hint"
+
+    src="$TOOLS/src/ferretdb-$FERRET_VERSION"
+    rm -rf "$src"
+    cp -R "$gomodcache_dir" "$src"
+    chmod -R u+w "$src"
+    printf '%s\n' "$FERRET_VERSION" >"$src/build/version/version.txt"
+    printf '%s\n' "go-build" >"$src/build/version/package.txt"
+
+    tmp="$FERRET_BIN.tmp.$$"
+    if ! (cd "$src" && go build -buildvcs=false -trimpath -o "$tmp" ./cmd/ferretdb) >&2; then
+        rm -f "$tmp"
+        die "building FerretDB $FERRET_VERSION failed (see the go output above)" "$hint"
+    fi
+    mv -f "$tmp" "$FERRET_BIN"
+    rm -rf "$src"
+    rmdir "$TOOLS/src" 2>/dev/null || true
+    ferret_bin_ok || die "the freshly built $FERRET_BIN does not run ('$FERRET_BIN --version' failed)" "$hint"
+    log "built $FERRET_BIN"
+}
+
+ferret_pid() { # prints the pid from the pidfile if that process is our ferretdb
+    local pid
+    [ -f "$FERRET_PIDFILE" ] || return 1
+    pid="$(cat "$FERRET_PIDFILE" 2>/dev/null || true)"
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    kill -0 "$pid" 2>/dev/null || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q ferretdb || return 1
+    printf '%s' "$pid"
+}
+
+ensure_ferretdb() {
+    if mongo_ping "$FERRET_HOST" "$FERRET_PORT"; then
+        log "a MongoDB-compatible server already answers on $FERRET_HOST:$FERRET_PORT; not starting another"
+        return 0
+    fi
+    if tcp_open "$FERRET_HOST" "$FERRET_PORT"; then
+        # Maybe a FerretDB we started moments ago is still initialising.
+        local i
+        for i in $(seq 1 20); do
+            sleep 0.5
+            if mongo_ping "$FERRET_HOST" "$FERRET_PORT"; then
+                log "a MongoDB-compatible server answers on $FERRET_HOST:$FERRET_PORT"
+                return 0
+            fi
+        done
+        die "port $FERRET_HOST:$FERRET_PORT is in use by something that does not answer a MongoDB ping" \
+            "stop it, or set MONGODB_URL to a reachable MongoDB and re-run"
+    fi
+
+    ferret_bin_ok || build_ferretdb
+
+    mkdir -p "$FERRET_STATE/data" "$FERRET_STATE/state"
+    local -a args=(
+        --listen-addr="$FERRET_HOST:$FERRET_PORT"
+        --handler=sqlite
+        --sqlite-url="file:$FERRET_STATE/data/"
+        --state-dir="$FERRET_STATE/state"
+        --telemetry=disable
+        --debug-addr=-
+        --log-level=warn
+    )
+    log "starting FerretDB: $FERRET_BIN ${args[*]}"
+    printf '\n==== %s starting FerretDB %s\n' "$(date -Is)" "$FERRET_VERSION" >>"$FERRET_LOG"
+    # New session (setsid) so it survives make and the terminal; the inner shell
+    # writes its own pid (== ferretdb's after exec) to the pidfile.
+    setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$FERRET_PIDFILE" "$FERRET_BIN" "${args[@]}" \
+        </dev/null >>"$FERRET_LOG" 2>&1 &
+    disown || true
+
+    local i pid
+    for i in $(seq 1 60); do
+        sleep 0.5
+        if mongo_ping "$FERRET_HOST" "$FERRET_PORT"; then
+            pid="$(ferret_pid || true)"
+            log "FerretDB ready on $FERRET_HOST:$FERRET_PORT (pid ${pid:-?}, log $FERRET_LOG)"
+            return 0
+        fi
+        if [ "$i" -gt 2 ] && ! ferret_pid >/dev/null; then
+            tail -n 20 "$FERRET_LOG" >&2 || true
+            die "FerretDB exited during start-up" "see $FERRET_LOG"
+        fi
+    done
+    tail -n 20 "$FERRET_LOG" >&2 || true
+    die "FerretDB did not answer on $FERRET_HOST:$FERRET_PORT within 30 s" "see $FERRET_LOG"
+}
+
+# Prints host and port of the first host in a mongodb:// URL.
+mongo_url_hostport() {
+    local rest="${1#mongodb://}" hp host port
+    rest="${rest##*@}"   # drop credentials
+    hp="${rest%%[/?]*}"  # up to path / options
+    hp="${hp%%,*}"       # first host of a seed list
+    if [[ "$hp" =~ ^\[(.*)\](:([0-9]+))?$ ]]; then
+        host="${BASH_REMATCH[1]}"
+        port="${BASH_REMATCH[3]:-27017}"
+    else
+        host="${hp%%:*}"
+        port=27017
+        [[ "$hp" == *:* ]] && port="${hp##*:}"
+    fi
+    printf '%s %s\n' "$host" "$port"
+}
+
+choose_mongo() { # sets MONGO_OUT
+    local given="${MONGODB_URL:-}"
+    if [ -n "$given" ]; then
+        case "$given" in
+            mongodb+srv://*)
+                log "MONGODB_URL is a mongodb+srv:// URL; using it as given (not checked)"
+                MONGO_OUT="$given"
+                return 0
+                ;;
+            mongodb://*)
+                local host port
+                read -r host port < <(mongo_url_hostport "$given")
+                if [ -n "$host" ] && tcp_open "$host" "$port"; then
+                    log "using MONGODB_URL from the environment ($host:$port is reachable)"
+                    MONGO_OUT="$given"
+                    return 0
+                fi
+                log "WARNING: MONGODB_URL is set but $host:$port is not reachable; falling back to a local FerretDB"
+                ;;
+            *)
+                log "WARNING: MONGODB_URL '$given' is not a mongodb:// URL; falling back to a local FerretDB"
+                ;;
+        esac
+    fi
+    ensure_ferretdb
+    MONGO_OUT="mongodb://$FERRET_HOST:$FERRET_PORT/outboxd"
+}
+
+# ------------------------------------------------------------------- actions
+
+stop_ferretdb() {
+    local pid i
+    if pid="$(ferret_pid)"; then
+        log "stopping FerretDB (pid $pid)"
+        kill "$pid" 2>/dev/null || true
+        for i in $(seq 1 40); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.25
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            log "FerretDB did not stop after 10 s; sending SIGKILL"
+            kill -9 "$pid" 2>/dev/null || true
+        fi
+    else
+        log "no FerretDB started by this project is running (pidfile $FERRET_PIDFILE)"
+    fi
+    rm -f "$FERRET_PIDFILE"
+    log "PostgreSQL is left running (stop it with: pg_ctlcluster <version> main stop)"
+}
+
+status() {
+    local ver
+    ver="$(pg_version 2>/dev/null || true)"
+    if [ -n "$ver" ] && pg_isready -q -h 127.0.0.1 -p "$PG_PORT" 2>/dev/null; then
+        log "PostgreSQL $ver: accepting connections on 127.0.0.1:$PG_PORT"
+    else
+        log "PostgreSQL: not running on 127.0.0.1:$PG_PORT"
+    fi
+    if mongo_ping "$FERRET_HOST" "$FERRET_PORT"; then
+        log "MongoDB-compatible server on $FERRET_HOST:$FERRET_PORT: answering (FerretDB pid $(ferret_pid || echo '-'))"
+    else
+        log "MongoDB-compatible server on $FERRET_HOST:$FERRET_PORT: not answering"
+    fi
+}
+
+up() {
+    local started=$SECONDS
+    ensure_postgres
+    MONGO_OUT=""
+    choose_mongo
+    log "all services ready ($((SECONDS - started)) s)"
+    printf 'export DATABASE_URL=%q\n' "postgres://$PG_ROLE:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB"
+    printf 'export MONGODB_URL=%q\n' "$MONGO_OUT"
+}
+
+case "${1:-up}" in
+    up) up ;;
+    stop) stop_ferretdb ;;
+    status) status ;;
+    -h | --help | help)
+        sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+        ;;
+    *) die "unknown action '$1'" "usage: scripts/services.sh [up|stop|status]" ;;
+esac

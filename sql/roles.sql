@@ -1,0 +1,155 @@
+-- outboxd least-privilege roles. NOT a migration: `outboxd migrate` never runs
+-- this file. A DBA runs it once per database, after `outboxd migrate` (it grants
+-- on the tables, views and schema_migrations the migrations create), and again
+-- after any upgrade that adds a migration. Running it again is harmless: roles
+-- are created only when missing, and the grants are first revoked and then
+-- given again, in one transaction, so each role ends with exactly the
+-- privileges below, whatever was granted before (by the same grantor).
+--
+-- Run it as the owner of the tables (the role `outboxd migrate` connects as),
+-- which needs CREATEROLE the first time (or a superuser creates the roles):
+--
+--     psql -v ON_ERROR_STOP=1 -d outboxd -f sql/roles.sql
+--
+-- The three roles are NOLOGIN groups. Give each process its own login user in
+-- the matching group, and put that user's URL in the process's database-url
+-- credential:
+--
+--     CREATE ROLE ingest_app   LOGIN PASSWORD '…' IN ROLE outboxd_ingest;
+--     CREATE ROLE relay_app    LOGIN PASSWORD '…' IN ROLE outboxd_relay;
+--     CREATE ROLE grafana_ro   LOGIN PASSWORD '…' IN ROLE outboxd_readonly;
+--
+-- (Membership is inherited, the default, so no SET ROLE is needed.) On
+-- PostgreSQL 15 any CREATEROLE role may run these; from PostgreSQL 16 on, adding
+-- a member needs ADMIN OPTION on the group, which the role that ran this file
+-- first (the groups' creator) has, as has a superuser. Roles are
+-- cluster-wide: with several outboxd databases on one cluster, run this file in
+-- each of them; the roles are shared, the grants are per database.
+-- If PUBLIC's default CONNECT on the database was revoked, also run
+-- `GRANT CONNECT ON DATABASE outboxd TO outboxd_ingest, outboxd_relay, outboxd_readonly;`.
+--
+-- What each role may do:
+--   outboxd_ingest    insert the e-mail, its outbox row and its idempotency key
+--                     (one transaction per webhook), read the keys back, re-take
+--                     an expired key, and read back only the ids it needs.
+--                     Never updates or deletes an outbox row or an e-mail.
+--   outboxd_relay     claim, update and delete (retention) outbox rows, set an
+--                     e-mail's sync_status, delete expired idempotency keys;
+--                     also what `outboxd status|retry|audit|check` need.
+--                     Never inserts, never deletes an e-mail, never truncates.
+--   outboxd_readonly  read everything (tables, views, schema_migrations).
+
+\set ON_ERROR_STOP 1
+
+BEGIN;
+
+-- The objects this file grants on must exist: run `outboxd migrate` first.
+DO $$
+DECLARE
+    missing text;
+BEGIN
+    SELECT string_agg(name, ', ') INTO missing
+    FROM unnest(ARRAY['incoming_emails', 'outbox_messages', 'idempotency_keys',
+                      'schema_migrations', 'outbox_status', 'outbox_failed',
+                      'outbox_inflight']) AS name
+    WHERE to_regclass(name) IS NULL;
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'outboxd roles.sql: missing in database %: %', current_database(), missing
+            USING HINT = 'Run `outboxd migrate` against this database first, then this file.';
+    END IF;
+END
+$$;
+
+-- Group roles, created only when missing (the existence test first, so that a
+-- table owner without CREATEROLE can re-run this file once the roles exist;
+-- duplicate_object covers a concurrent run).
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'outboxd_ingest') THEN
+        CREATE ROLE outboxd_ingest NOLOGIN;
+        COMMENT ON ROLE outboxd_ingest IS
+            'outboxd ingest: inserts e-mails, outbox rows and idempotency keys; reads its keys back.';
+    END IF;
+EXCEPTION WHEN duplicate_object THEN
+    RAISE NOTICE 'role outboxd_ingest exists, kept';
+END $$;
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'outboxd_relay') THEN
+        CREATE ROLE outboxd_relay NOLOGIN;
+        COMMENT ON ROLE outboxd_relay IS
+            'outboxd relay: claims, updates and cleans up outbox rows; sets e-mail sync_status.';
+    END IF;
+EXCEPTION WHEN duplicate_object THEN
+    RAISE NOTICE 'role outboxd_relay exists, kept';
+END $$;
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'outboxd_readonly') THEN
+        CREATE ROLE outboxd_readonly NOLOGIN;
+        COMMENT ON ROLE outboxd_readonly IS
+            'outboxd read-only: SELECT on the outbox tables, views and schema_migrations.';
+    END IF;
+EXCEPTION WHEN duplicate_object THEN
+    RAISE NOTICE 'role outboxd_readonly exists, kept';
+END $$;
+
+-- Start from nothing (table-level REVOKE ALL also drops column privileges), so
+-- a second run, or a run after a hand-made GRANT, ends in exactly the list below.
+REVOKE ALL ON TABLE incoming_emails, outbox_messages, idempotency_keys, schema_migrations,
+                    outbox_status, outbox_failed, outbox_inflight
+    FROM outboxd_ingest, outboxd_relay, outboxd_readonly;
+DO $$
+DECLARE
+    seq text;
+BEGIN
+    FOREACH seq IN ARRAY ARRAY[pg_get_serial_sequence('incoming_emails', 'id'),
+                               pg_get_serial_sequence('outbox_messages', 'id')] LOOP
+        EXECUTE format('REVOKE ALL ON SEQUENCE %s FROM outboxd_ingest, outboxd_relay, outboxd_readonly', seq);
+    END LOOP;
+END
+$$;
+
+-- All three: the schema.
+GRANT USAGE ON SCHEMA public TO outboxd_ingest, outboxd_relay, outboxd_readonly;
+
+-- outboxd_ingest ------------------------------------------------------------
+GRANT INSERT ON incoming_emails, outbox_messages, idempotency_keys TO outboxd_ingest;
+-- The cached answer of a duplicate, and the key's own ON CONFLICT checks.
+GRANT SELECT ON idempotency_keys TO outboxd_ingest;
+-- Re-taking an expired key: INSERT … ON CONFLICT (key) DO UPDATE SET … WHERE expires_at <= now().
+GRANT UPDATE (email_id, outbox_id, webhook_id, created_at, expires_at) ON idempotency_keys
+    TO outboxd_ingest;
+-- RETURNING id, and the duplicate lookup by webhook_id.
+GRANT SELECT (id, webhook_id) ON incoming_emails TO outboxd_ingest;
+GRANT SELECT (id, email_id, idempotency_key) ON outbox_messages TO outboxd_ingest;
+-- The identity sequences behind incoming_emails.id and outbox_messages.id.
+-- (PostgreSQL does not check these for an identity column's default, but an
+-- explicit nextval() or a later change to a serial column would need them.)
+DO $$
+DECLARE
+    seq text;
+BEGIN
+    FOREACH seq IN ARRAY ARRAY[pg_get_serial_sequence('incoming_emails', 'id'),
+                               pg_get_serial_sequence('outbox_messages', 'id')] LOOP
+        EXECUTE format('GRANT USAGE, SELECT ON SEQUENCE %s TO outboxd_ingest', seq);
+    END LOOP;
+END
+$$;
+-- `outboxd check` reads the schema version.
+GRANT SELECT ON schema_migrations TO outboxd_ingest;
+
+-- outboxd_relay -------------------------------------------------------------
+-- Claim (SELECT … FOR UPDATE SKIP LOCKED), mark, requeue, retention deletes.
+GRANT SELECT, UPDATE, DELETE ON outbox_messages TO outboxd_relay;
+-- The e-mail's sync_status follows its outbox row; the document's source fields.
+GRANT SELECT ON incoming_emails TO outboxd_relay;
+GRANT UPDATE (sync_status) ON incoming_emails TO outboxd_relay;
+-- Housekeeping of expired keys.
+GRANT SELECT, DELETE ON idempotency_keys TO outboxd_relay;
+GRANT SELECT ON schema_migrations TO outboxd_relay;
+GRANT SELECT ON outbox_status, outbox_failed, outbox_inflight TO outboxd_relay;
+
+-- outboxd_readonly ----------------------------------------------------------
+GRANT SELECT ON incoming_emails, outbox_messages, idempotency_keys, schema_migrations,
+                outbox_status, outbox_failed, outbox_inflight
+    TO outboxd_readonly;
+
+COMMIT;

@@ -1,0 +1,70 @@
+//! `outboxd check`: one line per dependency, non-zero exit when one is unreachable.
+
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::{db, migrate, mongo};
+
+/// Each check gets this long, so the whole command ends within about 5 seconds.
+const CHECK_TIMEOUT: Duration = Duration::from_millis(4500);
+
+pub async fn run(config: &Config) -> anyhow::Result<u8> {
+    let (pg, mg) = tokio::join!(
+        tokio::time::timeout(CHECK_TIMEOUT, postgres(config)),
+        tokio::time::timeout(CHECK_TIMEOUT, mongodb(config)),
+    );
+    let mut ok = true;
+    for (name, result) in [("postgresql", pg), ("mongodb", mg)] {
+        match result {
+            Ok(Ok(line)) => println!("{name:<11} ok    {line}"),
+            Ok(Err(e)) => {
+                ok = false;
+                println!("{name:<11} FAIL  {e:#}");
+            }
+            Err(_) => {
+                ok = false;
+                println!(
+                    "{name:<11} FAIL  no answer within {:.1}s",
+                    CHECK_TIMEOUT.as_secs_f64()
+                );
+            }
+        }
+    }
+    Ok(if ok { 0 } else { 1 })
+}
+
+async fn postgres(config: &Config) -> anyhow::Result<String> {
+    let mut pg = db::pg_config(&config.database)?;
+    pg.connect_timeout(CHECK_TIMEOUT);
+    let (client, connection) = pg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| anyhow::anyhow!("unreachable: {e}"))?;
+    tokio::spawn(connection);
+    let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
+    let expected = migrate::latest_version();
+    match migrate::current_version(&client).await? {
+        Some(v) if v == expected => Ok(format!("server {version}, schema version {v}")),
+        Some(v) => anyhow::bail!(
+            "server {version}, schema version {v} but this outboxd expects {expected}: run `outboxd migrate`"
+        ),
+        None => anyhow::bail!("server {version}, no schema yet: run `outboxd migrate`"),
+    }
+}
+
+async fn mongodb(config: &Config) -> anyhow::Result<String> {
+    let mut mongo_config = config.mongodb.clone();
+    mongo_config.timeout_ms = mongo_config
+        .timeout_ms
+        .min(CHECK_TIMEOUT.as_millis() as u64 - 500);
+    let sink = mongo::connect(&mongo_config).await?;
+    let version = sink
+        .server_version()
+        .await
+        .map_err(|e| anyhow::anyhow!("unreachable: {}", mongo::redact(&e)))?;
+    Ok(format!(
+        "server {version}, database {}, collection {}",
+        sink.database().name(),
+        sink.collection_name()
+    ))
+}

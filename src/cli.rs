@@ -1,0 +1,87 @@
+//! The command line: one subcommand per job.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
+
+/// outboxd: moves writes from PostgreSQL to MongoDB through a transactional outbox.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Cli {
+    /// Config file (TOML). Without it, built-in defaults apply; see config/outboxd.toml.
+    #[arg(long, global = true, env = crate::config::CONFIG_ENV)]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply pending schema migrations from sql/ (safe to run again, and concurrently).
+    Migrate,
+    /// Serve the Zendesk webhook endpoint (POST /webhooks/email).
+    Ingest {
+        /// Address to listen on (overrides `ingest.listen`).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Relay outbox rows to MongoDB; run as many as you like.
+    Relay {
+        /// Relay id recorded on the rows it holds (default: hostname-pid).
+        #[arg(long)]
+        id: Option<String>,
+        /// Serve Prometheus metrics on this address (overrides `relay.metrics_listen`).
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
+    },
+    /// Show counts, lag, failures and rows in flight. Exits 2 when rows have failed.
+    Status {
+        /// Print stable JSON for machines.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second, with rates, until interrupted.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
+    },
+    /// Requeue failed rows (attempts reset). Safe to run twice.
+    Retry(RetryArgs),
+    /// Compare synced rows with MongoDB; report documents missing or behind. Exits 1 when any.
+    Audit {
+        /// Only rows synced at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<DateTime<Utc>>,
+        /// Requeue the latest message of each bad aggregate.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Check PostgreSQL and MongoDB: one line each, non-zero exit when one is unreachable.
+    Check,
+    /// Print the Zendesk signature headers (or a curl command) for a body file.
+    Sign {
+        /// The JSON body to sign.
+        file: PathBuf,
+        /// Print a ready curl command for this URL instead of the headers.
+        #[arg(long, value_name = "URL")]
+        curl: Option<String>,
+        /// Timestamp to sign (RFC 3339; default: now).
+        #[arg(long)]
+        timestamp: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct RetryArgs {
+    /// Requeue these failed rows.
+    #[arg(long, num_args = 1..)]
+    pub id: Vec<i64>,
+    /// Requeue every failed row.
+    #[arg(long)]
+    pub all_failed: bool,
+    /// Requeue rows that failed at or after this time (RFC 3339).
+    #[arg(long)]
+    pub failed_since: Option<DateTime<Utc>>,
+}

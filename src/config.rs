@@ -1,0 +1,289 @@
+//! Typed configuration: `config/outboxd.toml` defaults, a TOML file, then
+//! `OUTBOXD__SECTION__KEY` variables, then `DATABASE_URL` and `MONGODB_URL`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+/// Environment variable naming the config file when `--config` is not given.
+pub const CONFIG_ENV: &str = "OUTBOXD_CONFIG";
+
+/// The whole configuration of both daemons and the operator commands.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub mongodb: MongoConfig,
+    pub ingest: IngestConfig,
+    pub relay: RelayConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    #[serde(serialize_with = "expose")]
+    pub url: SecretString,
+    pub pool_size: usize,
+    pub connect_timeout_ms: u64,
+    pub statement_timeout_ms: u64,
+    /// How long a request waits for a free pooled connection.
+    pub pool_wait_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MongoConfig {
+    #[serde(serialize_with = "expose")]
+    pub url: SecretString,
+    pub collection: String,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    pub listen: SocketAddr,
+    pub webhook_secret_file: Option<PathBuf>,
+    pub timestamp_tolerance_s: u64,
+    pub body_limit_bytes: usize,
+    pub idempotency_ttl_s: u64,
+    pub notify_interval_ms: u64,
+    pub header_read_timeout_ms: u64,
+    pub body_read_timeout_ms: u64,
+    pub max_connections: usize,
+    pub shutdown_timeout_s: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    pub id: Option<String>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub workers: usize,
+    pub batch_size: i64,
+    pub write_concurrency: usize,
+    pub poll_interval_ms: u64,
+    pub lease_s: u64,
+    pub max_attempts: i32,
+    pub backoff_base_ms: u64,
+    pub backoff_cap_ms: u64,
+    pub shutdown_timeout_s: u64,
+    pub housekeeping_interval_s: u64,
+    pub housekeeping_batch: i64,
+    pub retention_s: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `auto` (text on a terminal, JSON otherwise), `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter, overridden by `RUST_LOG`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Auto,
+    Text,
+    Json,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://outboxd@127.0.0.1:5432/outboxd".into(),
+            pool_size: 32,
+            connect_timeout_ms: 3000,
+            statement_timeout_ms: 5000,
+            pool_wait_ms: 3000,
+        }
+    }
+}
+
+impl Default for MongoConfig {
+    fn default() -> Self {
+        Self {
+            url: "mongodb://127.0.0.1:27017/outboxd".into(),
+            collection: "creditor_debts".into(),
+            timeout_ms: 5000,
+        }
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("literal address"),
+            webhook_secret_file: None,
+            timestamp_tolerance_s: 300,
+            body_limit_bytes: 1024 * 1024,
+            idempotency_ttl_s: 24 * 3600,
+            notify_interval_ms: 2,
+            header_read_timeout_ms: 5000,
+            body_read_timeout_ms: 10_000,
+            max_connections: 1024,
+            shutdown_timeout_s: 30,
+        }
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            id: None,
+            metrics_listen: None,
+            workers: 2,
+            batch_size: 100,
+            write_concurrency: 4,
+            poll_interval_ms: 1000,
+            lease_s: 30,
+            max_attempts: 10,
+            backoff_base_ms: 1000,
+            backoff_cap_ms: 300_000,
+            shutdown_timeout_s: 30,
+            housekeeping_interval_s: 60,
+            housekeeping_batch: 1000,
+            retention_s: 7 * 24 * 3600,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Auto,
+            level: "info".into(),
+        }
+    }
+}
+
+fn expose<S: serde::Serializer>(secret: &SecretString, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(secret.expose_secret())
+}
+
+impl Config {
+    /// Loads the layers in order; an error names the offending key and its source.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = path {
+            if !path.is_file() {
+                bail!("config file {} does not exist", path.display());
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed("OUTBOXD__").split("__").lowercase(true));
+        let mut config: Config = figment.extract().map_err(|e| {
+            // figment's message names the key and where the value came from.
+            anyhow::anyhow!("invalid configuration: {e}")
+        })?;
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            let dir = PathBuf::from(dir);
+            if let Some(url) = read_credential(&dir, "database-url")? {
+                config.database.url = url;
+            }
+            if let Some(url) = read_credential(&dir, "mongodb-url")? {
+                config.mongodb.url = url;
+            }
+        }
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            config.database.url = url.into();
+        }
+        if let Ok(url) = std::env::var("MONGODB_URL") {
+            config.mongodb.url = url.into();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let positive = [
+            ("database.pool_size", self.database.pool_size as u64),
+            ("relay.workers", self.relay.workers as u64),
+            ("relay.batch_size", self.relay.batch_size.max(0) as u64),
+            (
+                "relay.write_concurrency",
+                self.relay.write_concurrency as u64,
+            ),
+            ("relay.poll_interval_ms", self.relay.poll_interval_ms),
+            ("relay.lease_s", self.relay.lease_s),
+            ("relay.max_attempts", self.relay.max_attempts.max(0) as u64),
+            (
+                "relay.housekeeping_batch",
+                self.relay.housekeeping_batch.max(0) as u64,
+            ),
+            (
+                "ingest.body_limit_bytes",
+                self.ingest.body_limit_bytes as u64,
+            ),
+            ("ingest.max_connections", self.ingest.max_connections as u64),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                bail!("invalid configuration: `{key}` must be greater than 0");
+            }
+        }
+        if self.relay.batch_size > 10_000 {
+            bail!("invalid configuration: `relay.batch_size` must be at most 10000");
+        }
+        if self.relay.backoff_cap_ms < self.relay.backoff_base_ms {
+            bail!(
+                "invalid configuration: `relay.backoff_cap_ms` must be >= `relay.backoff_base_ms`"
+            );
+        }
+        if self.mongodb.collection.is_empty() || self.mongodb.collection.contains('$') {
+            bail!("invalid configuration: `mongodb.collection` must be a plain collection name");
+        }
+        Ok(())
+    }
+
+    /// The webhook secret: `OUTBOXD_WEBHOOK_SECRET`, then `ingest.webhook_secret_file`,
+    /// then the systemd credential `webhook-secret`.
+    pub fn webhook_secret(&self) -> anyhow::Result<SecretString> {
+        if let Ok(secret) = std::env::var("OUTBOXD_WEBHOOK_SECRET")
+            && !secret.is_empty()
+        {
+            return Ok(secret.into());
+        }
+        if let Some(path) = &self.ingest.webhook_secret_file {
+            let secret = read_secret_file(path)
+                .with_context(|| format!("`ingest.webhook_secret_file` ({})", path.display()))?;
+            return Ok(secret);
+        }
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY")
+            && let Some(secret) = read_credential(Path::new(&dir), "webhook-secret")?
+        {
+            return Ok(secret);
+        }
+        bail!(
+            "no webhook secret: set OUTBOXD_WEBHOOK_SECRET, or `ingest.webhook_secret_file`, \
+             or a systemd credential named `webhook-secret`"
+        )
+    }
+}
+
+fn read_credential(dir: &Path, name: &str) -> anyhow::Result<Option<SecretString>> {
+    let path = dir.join(name);
+    if !path.exists() {
+        return Ok(None);
+    }
+    read_secret_file(&path)
+        .with_context(|| format!("credential `{name}`"))
+        .map(Some)
+}
+
+fn read_secret_file(path: &Path) -> anyhow::Result<SecretString> {
+    let text = std::fs::read_to_string(path).context("cannot read the secret file")?;
+    let secret = text.trim_end_matches(['\n', '\r']);
+    if secret.is_empty() {
+        bail!("the secret file is empty");
+    }
+    Ok(secret.to_owned().into())
+}

@@ -1,0 +1,79 @@
+//! The PostgreSQL connection pool and the error classes the daemons act on.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use secrecy::ExposeSecret;
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+use crate::config::DatabaseConfig;
+
+/// Parses the URL and applies the configured timeouts; errors never echo the URL.
+pub fn pg_config(config: &DatabaseConfig) -> anyhow::Result<tokio_postgres::Config> {
+    let mut pg: tokio_postgres::Config = config.url.expose_secret().parse().map_err(|_| {
+        anyhow::anyhow!("invalid `database.url` (DATABASE_URL): not a PostgreSQL URL")
+    })?;
+    pg.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
+    pg.keepalives(true);
+    pg.keepalives_idle(Duration::from_secs(30));
+    if pg.get_application_name().is_none() {
+        pg.application_name("outboxd");
+    }
+    if config.statement_timeout_ms > 0 {
+        pg.options(format!(
+            "-c statement_timeout={}",
+            config.statement_timeout_ms
+        ));
+    }
+    Ok(pg)
+}
+
+/// Builds a pool; connections are opened lazily, so this succeeds while PostgreSQL is down.
+pub fn pool(config: &DatabaseConfig) -> anyhow::Result<Pool> {
+    let pg = pg_config(config)?;
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let wait = Duration::from_millis(config.pool_wait_ms);
+    Pool::builder(manager)
+        .max_size(config.pool_size)
+        .runtime(Runtime::Tokio1)
+        .timeouts(Timeouts {
+            wait: Some(wait),
+            create: Some(Duration::from_millis(config.connect_timeout_ms)),
+            recycle: Some(wait),
+        })
+        .build()
+        .context("cannot build the PostgreSQL pool")
+}
+
+/// True when retrying later may succeed: the server is unreachable, restarting,
+/// overloaded, or the statement timed out. False for errors in the statement itself.
+pub fn is_transient(err: &tokio_postgres::Error) -> bool {
+    match err.code() {
+        None => true, // I/O or protocol: the connection is gone.
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("08") // connection exception
+                || c.starts_with("53") // insufficient resources
+                || c.starts_with("57") // operator intervention: shutdown, cancel, timeout
+                || *code == SqlState::T_R_SERIALIZATION_FAILURE
+                || *code == SqlState::T_R_DEADLOCK_DETECTED
+                || *code == SqlState::LOCK_NOT_AVAILABLE
+        }
+    }
+}
+
+/// Whether a pool error means PostgreSQL is unavailable (rather than a bug).
+pub fn pool_error_is_transient(err: &deadpool_postgres::PoolError) -> bool {
+    match err {
+        deadpool_postgres::PoolError::Backend(e) => is_transient(e),
+        _ => true,
+    }
+}

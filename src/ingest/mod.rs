@@ -1,0 +1,359 @@
+//! `outboxd ingest`: the webhook endpoint. Verifies, validates, and commits the
+//! e-mail, its outbox row and its idempotency key in one transaction. It never
+//! talks to MongoDB.
+
+pub mod notifier;
+pub mod webhook;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use deadpool_postgres::Pool;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Method, Request, Response, StatusCode};
+use metrics_exporter_prometheus::PrometheusHandle;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_postgres::error::SqlState;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::{Config, IngestConfig};
+use crate::http::{self, Limits};
+use crate::outbox::{self, Accepted};
+use crate::{db, systemd};
+use notifier::Notifier;
+
+/// Everything a request needs.
+pub struct App {
+    pub pool: Pool,
+    pub secret: SecretString,
+    pub config: IngestConfig,
+    pub metrics: PrometheusHandle,
+    pub notifier: Notifier,
+}
+
+/// Runs the daemon until `shutdown`: binds, reports ready to systemd, serves.
+pub async fn run(
+    config: &Config,
+    listen: Option<SocketAddr>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let secret = config.webhook_secret()?;
+    let pool = db::pool(&config.database)?;
+    let addr = listen.unwrap_or(config.ingest.listen);
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (`ingest.listen` / --listen)"))?;
+    if let Err(e) = pool.get().await {
+        tracing::warn!(error = %e, "PostgreSQL is not reachable yet; answering 503 until it is");
+    }
+    let app = App::new(config, pool, secret, shutdown.clone());
+    tracing::info!(listen = %listener.local_addr()?, "ingest listening");
+    systemd::ready();
+    let watchdog = systemd::spawn_watchdog(shutdown.clone(), None);
+    serve(listener, app, shutdown).await;
+    systemd::stopping();
+    watchdog.abort();
+    tracing::info!("ingest stopped");
+    Ok(())
+}
+
+impl App {
+    pub fn new(
+        config: &Config,
+        pool: Pool,
+        secret: SecretString,
+        shutdown: CancellationToken,
+    ) -> Arc<App> {
+        let interval = Duration::from_millis(config.ingest.notify_interval_ms);
+        let notifier = Notifier::spawn(pool.clone(), interval, shutdown);
+        Arc::new(App {
+            pool,
+            secret,
+            config: config.ingest.clone(),
+            metrics: crate::telemetry::init_metrics(&[]),
+            notifier,
+        })
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown`, then drains in-flight requests.
+pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) {
+    let limits = Limits {
+        max_connections: app.config.max_connections,
+        header_read_timeout: Duration::from_millis(app.config.header_read_timeout_ms),
+        shutdown_timeout: Duration::from_secs(app.config.shutdown_timeout_s),
+    };
+    http::serve(listener, limits, shutdown, move |req| {
+        route(app.clone(), req)
+    })
+    .await;
+}
+
+async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let started = Instant::now();
+    let (name, response) = match (req.method(), req.uri().path()) {
+        (&Method::POST, "/webhooks/email") => {
+            let span = tracing::info_span!(
+                "webhook",
+                webhook_id = tracing::field::Empty,
+                email_id = tracing::field::Empty,
+                outbox_id = tracing::field::Empty,
+                idempotency_key = tracing::field::Empty,
+                operation = tracing::field::Empty,
+            );
+            ("/webhooks/email", webhook(&app, req).instrument(span).await)
+        }
+        (&Method::GET, "/healthz") => (
+            "/healthz",
+            http::json(StatusCode::OK, &json!({"status": "ok"})),
+        ),
+        (&Method::GET, "/readyz") => ("/readyz", readyz(&app).await),
+        (&Method::GET, "/metrics") => (
+            "/metrics",
+            http::text(
+                StatusCode::OK,
+                app.metrics.render(),
+                "text/plain; version=0.0.4",
+            ),
+        ),
+        (_, "/webhooks/email" | "/healthz" | "/readyz" | "/metrics") => (
+            "other",
+            http::status_only(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        ),
+        _ => (
+            "other",
+            http::status_only(StatusCode::NOT_FOUND, "not found"),
+        ),
+    };
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("outboxd_http_requests_total", "route" => name, "status" => status)
+        .increment(1);
+    metrics::histogram!("outboxd_http_request_duration_seconds", "route" => name)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn readyz(app: &App) -> Response<Full<Bytes>> {
+    let check = async {
+        let client = app.pool.get().await.map_err(|e| e.to_string())?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(Duration::from_secs(2), check).await {
+        Ok(Ok(_)) => http::json(StatusCode::OK, &json!({"status": "ready"})),
+        _ => unavailable("PostgreSQL is unavailable"),
+    }
+}
+
+fn unavailable(message: &str) -> Response<Full<Bytes>> {
+    let mut response = http::status_only(StatusCode::SERVICE_UNAVAILABLE, message);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, "5".parse().expect("static header"));
+    response
+}
+
+fn bad_request(field: Option<&str>, error: &str) -> Response<Full<Bytes>> {
+    http::json(
+        StatusCode::BAD_REQUEST,
+        &json!({ "error": error, "field": field }),
+    )
+}
+
+/// `POST /webhooks/email`, in the order: content type, size, signature, body, database.
+async fn webhook(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let is_json = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        tracing::info!(outcome = "unsupported_media_type", "webhook refused");
+        return http::status_only(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be application/json",
+        );
+    }
+    let limit = app.config.body_limit_bytes;
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        tracing::info!(outcome = "too_large", "webhook refused");
+        return too_large(limit);
+    }
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let signature = header(webhook::SIGNATURE_HEADER);
+    let timestamp = header(webhook::TIMESTAMP_HEADER);
+
+    let read = Limited::new(req.into_body(), limit).collect();
+    let body =
+        match tokio::time::timeout(Duration::from_millis(app.config.body_read_timeout_ms), read)
+            .await
+        {
+            Err(_) => {
+                tracing::info!(outcome = "body_timeout", "webhook refused");
+                return http::status_only(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timed out reading the body",
+                );
+            }
+            Ok(Err(e))
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                tracing::info!(outcome = "too_large", "webhook refused");
+                return too_large(limit);
+            }
+            Ok(Err(_)) => return bad_request(None, "could not read the request body"),
+            Ok(Ok(collected)) => collected.to_bytes(),
+        };
+
+    if let Err(e) = webhook::verify(
+        app.secret.expose_secret().as_bytes(),
+        signature.as_deref(),
+        timestamp.as_deref(),
+        &body,
+        chrono::Utc::now(),
+        app.config.timestamp_tolerance_s,
+    ) {
+        metrics::counter!("outboxd_ingest_signature_failures_total").increment(1);
+        tracing::warn!(outcome = "unauthorized", reason = %e, "webhook refused");
+        return http::status_only(StatusCode::UNAUTHORIZED, "invalid or stale signature");
+    }
+
+    let event = match webhook::parse(&body) {
+        Ok(event) => event,
+        Err(invalid) => {
+            tracing::info!(
+                outcome = "invalid",
+                field = invalid.field.as_deref(),
+                "webhook refused"
+            );
+            return bad_request(invalid.field.as_deref(), &invalid.error);
+        }
+    };
+    let span = tracing::Span::current();
+    span.record("webhook_id", event.webhook_id.as_str());
+    span.record("idempotency_key", event.idempotency_key.as_str());
+    span.record("operation", crate::idempotency::UPDATE_CREDITOR_DEBT);
+
+    match accept(app, &event).await {
+        Ok((accepted, duplicate)) => {
+            span.record("email_id", accepted.email_id);
+            if let Some(id) = accepted.outbox_id {
+                span.record("outbox_id", id);
+            }
+            let mut body = json!({
+                "email_id": accepted.email_id,
+                "outbox_id": accepted.outbox_id,
+                "idempotency_key": accepted.idempotency_key,
+                "status": "pending",
+            });
+            if duplicate {
+                metrics::counter!("outboxd_ingest_duplicates_total").increment(1);
+                body["duplicate"] = json!(true);
+                tracing::info!(outcome = "duplicate", "webhook already accepted");
+                http::json(StatusCode::OK, &body)
+            } else {
+                app.notifier.wake();
+                tracing::info!(outcome = "accepted", "webhook accepted");
+                http::json(StatusCode::ACCEPTED, &body)
+            }
+        }
+        Err(Failure::Unavailable(e)) => {
+            tracing::warn!(outcome = "unavailable", error = %e, "PostgreSQL unavailable");
+            unavailable("PostgreSQL is unavailable; retry later")
+        }
+        Err(Failure::Internal(e)) => {
+            tracing::error!(outcome = "error", error = %e, "webhook failed; nothing was written");
+            http::status_only(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error; nothing was written",
+            )
+        }
+    }
+}
+
+fn too_large(limit: usize) -> Response<Full<Bytes>> {
+    http::status_only(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("body exceeds {limit} bytes"),
+    )
+}
+
+enum Failure {
+    Unavailable(String),
+    Internal(String),
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if db::is_transient(&e) {
+            Failure::Unavailable(e.to_string())
+        } else {
+            Failure::Internal(e.to_string())
+        }
+    }
+}
+
+/// Writes the event, or finds the first answer for it. `(accepted, duplicate)`.
+async fn accept(app: &App, event: &webhook::Event) -> Result<(Accepted, bool), Failure> {
+    let client = app.pool.get().await.map_err(|e| {
+        if db::pool_error_is_transient(&e) {
+            Failure::Unavailable(e.to_string())
+        } else {
+            Failure::Internal(e.to_string())
+        }
+    })?;
+    let ttl = app.config.idempotency_ttl_s as f64;
+    // A duplicate's first answer can vanish between the two statements (expiry,
+    // housekeeping); then the event is new again, so try once more.
+    for _ in 0..3 {
+        match outbox::enqueue(&client, event, ttl).await {
+            Ok(Some(accepted)) => return Ok((accepted, false)),
+            Ok(None) => {
+                if let Some(first) =
+                    outbox::accepted_by_key(&client, &event.idempotency_key).await?
+                {
+                    return Ok((first, true));
+                }
+            }
+            Err(e) if is_webhook_conflict(&e) => {
+                if let Some(first) = outbox::accepted_by_webhook(&client, &event.webhook_id).await?
+                {
+                    return Ok((first, true));
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Failure::Unavailable(
+        "concurrent writes kept racing this event".into(),
+    ))
+}
+
+fn is_webhook_conflict(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        *db.code() == SqlState::UNIQUE_VIOLATION
+            && db.constraint() == Some("incoming_emails_webhook_id_key")
+    })
+}

@@ -1,0 +1,51 @@
+//! Wakes relays after commits without putting NOTIFY in the ingest transaction.
+//!
+//! PostgreSQL serialises the commits of transactions that notified. So requests
+//! only raise a flag; one task sends at most one NOTIFY per interval, after the
+//! commits it covers. Relays also poll, so a lost wake-up only delays a row.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::outbox;
+
+/// The request side: cheap to call after every commit.
+#[derive(Clone)]
+pub struct Notifier {
+    flag: Arc<Notify>,
+}
+
+impl Notifier {
+    /// Starts the sending task, which stops with `shutdown`.
+    pub fn spawn(pool: Pool, interval: Duration, shutdown: CancellationToken) -> Notifier {
+        let flag = Arc::new(Notify::new());
+        let waiter = flag.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = waiter.notified() => {}
+                }
+                let sent = match pool.get().await {
+                    Ok(client) => outbox::notify(&client).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = sent {
+                    tracing::debug!(error = %e, "NOTIFY failed; relays will poll");
+                }
+                // Commits during this pause are covered by the next single NOTIFY.
+                tokio::time::sleep(interval).await;
+            }
+        });
+        Notifier { flag }
+    }
+
+    /// Asks for a NOTIFY soon; many calls before it is sent make one.
+    pub fn wake(&self) {
+        self.flag.notify_one();
+    }
+}

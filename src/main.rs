@@ -1,0 +1,49 @@
+//! outboxd: parse the command line, load the config, start telemetry, dispatch.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use outboxd::cli::{Cli, Command};
+use outboxd::config::Config;
+use outboxd::{check, ingest, migrate_cmd, ops, relay, shutdown, sign, telemetry};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("outboxd: {e:#}");
+            return ExitCode::from(78); // EX_CONFIG
+        }
+    };
+    telemetry::init_logs(&config.log);
+    let result = match cli.command {
+        Command::Migrate => migrate_cmd(&config).await,
+        Command::Ingest { listen } => ingest::run(&config, listen, shutdown::on_signal())
+            .await
+            .map(|_| 0),
+        Command::Relay { id, metrics_listen } => {
+            config.relay.id = id.or(config.relay.id);
+            config.relay.metrics_listen = metrics_listen.or(config.relay.metrics_listen);
+            relay::run(&config, shutdown::on_signal()).await.map(|_| 0)
+        }
+        Command::Status { json, watch } => ops::status(&config, json, watch).await,
+        Command::Retry(args) => ops::retry(&config, &args).await,
+        Command::Audit { since, repair } => ops::audit(&config, since, repair).await,
+        Command::Check => check::run(&config).await,
+        Command::Sign {
+            file,
+            curl,
+            timestamp,
+        } => sign::run(&config, &file, curl.as_deref(), timestamp).map(|_| 0),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "outboxd failed");
+            eprintln!("outboxd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

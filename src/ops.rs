@@ -1,0 +1,265 @@
+//! The operator commands: `status`, `retry` and `audit`.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use futures_util::TryStreamExt;
+use mongodb::bson::{Bson, Document, doc};
+use serde_json::{Value, json};
+
+use crate::cli::RetryArgs;
+use crate::config::Config;
+use crate::{db, mongo, outbox};
+
+async fn client(config: &Config) -> anyhow::Result<deadpool_postgres::Object> {
+    let mut database = config.database.clone();
+    database.pool_size = 1;
+    db::pool(&database)?
+        .get()
+        .await
+        .context("PostgreSQL unreachable")
+}
+
+/// The status snapshot; its JSON shape is documented in the README and kept stable.
+pub async fn snapshot(client: &deadpool_postgres::Object) -> anyhow::Result<Value> {
+    let c = client;
+    let counts: serde_json::Map<String, Value> = outbox::counts(c)
+        .await?
+        .into_iter()
+        .map(|(s, n)| (s, json!(n)))
+        .collect();
+    let (lag_n, p50, p99, max) = outbox::lag_last_minute(c).await?;
+    let failed: Vec<Value> = outbox::failed_by_error(c)
+        .await?
+        .into_iter()
+        .map(
+            |(error, rows, newest)| json!({"last_error": error, "rows": rows, "newest_id": newest}),
+        )
+        .collect();
+    let inflight: Vec<Value> = outbox::inflight(c)
+        .await?
+        .into_iter()
+        .map(|(relay, rows, until, expired)| {
+            json!({"relay_id": relay, "rows": rows, "lease_expires_at": until.to_rfc3339(), "lease_expired": expired})
+        })
+        .collect();
+    Ok(json!({
+        "counts": counts,
+        "oldest_pending_age_s": outbox::oldest_pending_age(c).await?,
+        "lag_last_minute_ms": {"synced": lag_n, "p50": p50, "p99": p99, "max": max},
+        "failed": failed,
+        "inflight": inflight,
+    }))
+}
+
+fn failed_rows(snapshot: &Value) -> i64 {
+    snapshot["counts"]["failed"].as_i64().unwrap_or(0)
+}
+
+fn render(s: &Value, rates: Option<(f64, f64)>) -> String {
+    let mut out = String::new();
+    let n = |k: &str| s["counts"][k].as_i64().unwrap_or(0);
+    let ms = |v: &Value| {
+        v.as_f64()
+            .map(|x| format!("{x:.1}ms"))
+            .unwrap_or_else(|| "-".into())
+    };
+    let _ = writeln!(out, "{:<12}{:>12}", "status", "rows");
+    for k in ["pending", "processing", "synced", "failed"] {
+        let _ = writeln!(out, "{k:<12}{:>12}", n(k));
+    }
+    let age = s["oldest_pending_age_s"]
+        .as_f64()
+        .map(|a| format!("{a:.1}s"))
+        .unwrap_or_else(|| "-".into());
+    let _ = writeln!(out, "\noldest pending  {age}");
+    let lag = &s["lag_last_minute_ms"];
+    let _ = writeln!(
+        out,
+        "lag (last min)  p50 {}  p99 {}  max {}  ({} synced)",
+        ms(&lag["p50"]),
+        ms(&lag["p99"]),
+        ms(&lag["max"]),
+        lag["synced"]
+    );
+    if let Some((synced, pending)) = rates {
+        let _ = writeln!(
+            out,
+            "rates           synced {synced:.0}/s  pending {pending:+.0}/s"
+        );
+    }
+    if let Some(rows) = s["inflight"].as_array().filter(|r| !r.is_empty()) {
+        let _ = writeln!(out, "\nin flight");
+        for r in rows {
+            let expired = if r["lease_expired"].as_bool() == Some(true) {
+                "  (lease expired)"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                out,
+                "  {:<28}{:>8} rows  lease until {}{expired}",
+                r["relay_id"].as_str().unwrap_or(""),
+                r["rows"],
+                r["lease_expires_at"].as_str().unwrap_or("")
+            );
+        }
+    }
+    if let Some(rows) = s["failed"].as_array().filter(|r| !r.is_empty()) {
+        let _ = writeln!(out, "\nfailed, by last error");
+        for r in rows {
+            let _ = writeln!(
+                out,
+                "  {:>8} rows  (newest id {})  {}",
+                r["rows"],
+                r["newest_id"],
+                r["last_error"].as_str().unwrap_or("")
+            );
+        }
+    }
+    out
+}
+
+/// `outboxd status`: exit 0, or 2 when rows have failed.
+pub async fn status(config: &Config, as_json: bool, watch: bool) -> anyhow::Result<u8> {
+    let client = client(config).await?;
+    if !watch {
+        let s = snapshot(&client).await?;
+        if as_json {
+            println!("{}", serde_json::to_string_pretty(&s)?);
+        } else {
+            print!("{}", render(&s, None));
+        }
+        return Ok(if failed_rows(&s) > 0 { 2 } else { 0 });
+    }
+    let mut previous: Option<(Instant, i64, i64)> = None;
+    loop {
+        let s = snapshot(&client).await?;
+        let now = Instant::now();
+        let (synced, pending) = (
+            s["counts"]["synced"].as_i64().unwrap_or(0),
+            s["counts"]["pending"].as_i64().unwrap_or(0),
+        );
+        let rates = previous.map(|(at, sy, pe)| {
+            let dt = now.duration_since(at).as_secs_f64().max(1e-3);
+            ((synced - sy) as f64 / dt, (pending - pe) as f64 / dt)
+        });
+        previous = Some((now, synced, pending));
+        print!(
+            "\x1b[2J\x1b[H{}  (refreshing every second; Ctrl-C to stop)\n\n{}",
+            Utc::now().format("%H:%M:%S"),
+            render(&s, rates)
+        );
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(0),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// `outboxd retry`: requeues failed rows and says how many.
+pub async fn retry(config: &Config, args: &RetryArgs) -> anyhow::Result<u8> {
+    let client = client(config).await?;
+    let ids = (!args.id.is_empty()).then_some(args.id.as_slice());
+    let n = outbox::requeue_failed(&client, ids, args.failed_since).await?;
+    if n > 0 {
+        outbox::notify(&client).await?;
+    }
+    println!("requeued {n} failed row{}", if n == 1 { "" } else { "s" });
+    Ok(0)
+}
+
+/// Rows of audit output listed by id before the rest is only counted.
+const AUDIT_LIST: usize = 20;
+const AUDIT_PAGE: i64 = 1000;
+
+/// `outboxd audit`: pages through aggregates with synced rows and compares each with
+/// its document. Exit 1 when any is missing or behind (0 once `--repair` requeued them).
+pub async fn audit(
+    config: &Config,
+    since: Option<DateTime<Utc>>,
+    repair: bool,
+) -> anyhow::Result<u8> {
+    let client = client(config).await?;
+    let sink = mongo::connect(&config.mongodb).await?;
+    let collection = sink
+        .database()
+        .collection::<Document>(sink.collection_name());
+    let (mut checked, mut missing, mut behind, mut requeued) = (0u64, Vec::new(), Vec::new(), 0u64);
+    let mut after = String::new();
+    loop {
+        let page = outbox::latest_synced_page(&client, &after, since, AUDIT_PAGE).await?;
+        let Some((last, _)) = page.last() else { break };
+        after = last.clone();
+        let ids: Vec<Bson> = page
+            .iter()
+            .map(|(agg, _)| Bson::String(agg.clone()))
+            .collect();
+        let docs: Vec<Document> = collection
+            .find(doc! { "_id": { "$in": ids } })
+            .projection(doc! { "outbox_id": 1 })
+            .await
+            .map_err(|e| anyhow::anyhow!("MongoDB: {}", mongo::redact(&e)))?
+            .try_collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("MongoDB: {}", mongo::redact(&e)))?;
+        let held: HashMap<String, i64> = docs
+            .iter()
+            .filter_map(|d| {
+                let id = d.get_str("_id").ok()?.to_owned();
+                let at = match d.get("outbox_id") {
+                    Some(Bson::Int64(v)) => *v,
+                    Some(Bson::Int32(v)) => *v as i64,
+                    _ => i64::MIN,
+                };
+                Some((id, at))
+            })
+            .collect();
+        for (aggregate, latest) in &page {
+            checked += 1;
+            let bad = match held.get(aggregate) {
+                None => {
+                    missing.push((aggregate.clone(), *latest, None));
+                    true
+                }
+                Some(at) if at < latest => {
+                    behind.push((aggregate.clone(), *latest, Some(*at)));
+                    true
+                }
+                Some(_) => false,
+            };
+            if bad && repair {
+                requeued += outbox::requeue_synced(&client, *latest).await?;
+            }
+        }
+    }
+    println!(
+        "audit: {checked} aggregates checked, {} missing, {} behind",
+        missing.len(),
+        behind.len()
+    );
+    for (kind, list) in [("missing", &missing), ("behind", &behind)] {
+        for (aggregate, latest, at) in list.iter().take(AUDIT_LIST) {
+            let at = at.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+            println!("  {kind:<8} {aggregate}  latest synced outbox_id {latest}, document at {at}");
+        }
+        if list.len() > AUDIT_LIST {
+            println!("  … and {} more {kind}", list.len() - AUDIT_LIST);
+        }
+    }
+    let bad = missing.len() + behind.len();
+    if repair {
+        if requeued > 0 {
+            outbox::notify(&client).await?;
+        }
+        println!(
+            "requeued {requeued} row{}",
+            if requeued == 1 { "" } else { "s" }
+        );
+        return Ok(0);
+    }
+    Ok(if bad > 0 { 1 } else { 0 })
+}

@@ -1,0 +1,484 @@
+//! Every SQL statement on the outbox: the ingest write, claims, marks, rescue,
+//! housekeeping and the operator queries. State transitions name the state (and
+//! owner) they expect, and callers check the row count.
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use serde_json::Value;
+use tokio_postgres::Error;
+
+use crate::ingest::webhook::Event;
+
+/// The channel relays LISTEN on and ingest NOTIFYs.
+pub const CHANNEL: &str = "outboxd_outbox";
+
+/// What ingest answers with: the ids the event got when it was first accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub email_id: i64,
+    pub outbox_id: Option<i64>,
+    pub idempotency_key: String,
+}
+
+/// Records the e-mail, its outbox message and its idempotency key in one statement,
+/// hence one transaction. `Ok(None)` when the key is already held (a duplicate).
+/// A `webhook_id` seen before fails with the unique violation of
+/// `incoming_emails_webhook_id_key`, and nothing is written.
+pub async fn enqueue(
+    client: &impl GenericClient,
+    event: &Event,
+    ttl_s: f64,
+) -> Result<Option<Accepted>, Error> {
+    const SQL: &str = "
+        WITH k AS (
+            INSERT INTO idempotency_keys (key, webhook_id, email_id, outbox_id, expires_at)
+            VALUES ($1, $2, nextval('incoming_emails_id_seq'), nextval('outbox_messages_id_seq'),
+                    now() + $3 * interval '1 second')
+            ON CONFLICT (key) DO UPDATE
+                SET webhook_id = EXCLUDED.webhook_id, email_id = EXCLUDED.email_id,
+                    outbox_id = EXCLUDED.outbox_id, created_at = now(), expires_at = EXCLUDED.expires_at
+                WHERE idempotency_keys.expires_at <= now()
+            RETURNING email_id, outbox_id),
+        e AS (
+            INSERT INTO incoming_emails (id, webhook_id, ticket_id, message_id, from_address, subject, body, received_at)
+            SELECT email_id, $2, $4, $5, $6, $7, $8, $9 FROM k
+            RETURNING id),
+        o AS (
+            INSERT INTO outbox_messages (id, operation, aggregate_id, payload, email_id, idempotency_key)
+            SELECT k.outbox_id, $10, $11, $12, e.id, $1 FROM k, e
+            RETURNING id, email_id)
+        SELECT email_id, id FROM o";
+    let stmt = client.prepare_cached(SQL).await?;
+    let row = client
+        .query_opt(
+            &stmt,
+            &[
+                &event.idempotency_key,
+                &event.webhook_id,
+                &ttl_s,
+                &event.ticket_id,
+                &event.message_id,
+                &event.from,
+                &event.subject,
+                &event.body,
+                &event.received_at,
+                &crate::idempotency::UPDATE_CREDITOR_DEBT,
+                &event.aggregate_id,
+                &event.payload,
+            ],
+        )
+        .await?;
+    Ok(row.map(|r| Accepted {
+        email_id: r.get(0),
+        outbox_id: Some(r.get(1)),
+        idempotency_key: event.idempotency_key.clone(),
+    }))
+}
+
+/// The first answer for an idempotency key that has not expired.
+pub async fn accepted_by_key(
+    client: &impl GenericClient,
+    key: &str,
+) -> Result<Option<Accepted>, Error> {
+    let stmt = client
+        .prepare_cached("SELECT email_id, outbox_id FROM idempotency_keys WHERE key = $1 AND expires_at > now()")
+        .await?;
+    Ok(client.query_opt(&stmt, &[&key]).await?.map(|r| Accepted {
+        email_id: r.get(0),
+        outbox_id: Some(r.get(1)),
+        idempotency_key: key.to_owned(),
+    }))
+}
+
+/// The first answer for a webhook id, from the e-mail and its outbox row.
+pub async fn accepted_by_webhook(
+    client: &impl GenericClient,
+    webhook_id: &str,
+) -> Result<Option<Accepted>, Error> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT e.id, o.id, o.idempotency_key FROM incoming_emails e
+             LEFT JOIN outbox_messages o ON o.email_id = e.id
+             WHERE e.webhook_id = $1 ORDER BY o.id LIMIT 1",
+        )
+        .await?;
+    Ok(client
+        .query_opt(&stmt, &[&webhook_id])
+        .await?
+        .map(|r| Accepted {
+            email_id: r.get(0),
+            outbox_id: r.get(1),
+            idempotency_key: r.get::<_, Option<String>>(2).unwrap_or_default(),
+        }))
+}
+
+/// Wakes listening relays. Sent by ingest after commit, coalesced.
+pub async fn notify(client: &impl GenericClient) -> Result<(), Error> {
+    client
+        .execute("SELECT pg_notify($1, '')", &[&CHANNEL])
+        .await
+        .map(|_| ())
+}
+
+/// One outbox row held by a relay, with what the MongoDB document needs.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: i64,
+    pub operation: String,
+    pub aggregate_id: String,
+    pub payload: Value,
+    pub email_id: i64,
+    pub idempotency_key: String,
+    pub attempts: i32,
+    pub created_at: DateTime<Utc>,
+    pub ticket_id: i64,
+    pub webhook_id: String,
+}
+
+/// A claimed batch and the lease that guards every later transition on it.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub rows: Vec<Claimed>,
+    pub locked_until: DateTime<Utc>,
+}
+
+/// Claims up to `limit` due pending rows in id order, skipping rows other relays hold.
+/// The inner SELECT walks `outbox_messages_claim_idx`, so its cost does not grow with the backlog.
+pub async fn claim(
+    client: &impl GenericClient,
+    relay_id: &str,
+    limit: i64,
+    lease_s: f64,
+) -> Result<Batch, Error> {
+    const SQL: &str = "
+        WITH due AS (
+            SELECT id FROM outbox_messages
+            WHERE status = 'pending' AND next_attempt_at <= now()
+            ORDER BY id LIMIT $2
+            FOR UPDATE SKIP LOCKED)
+        UPDATE outbox_messages o
+        SET status = 'processing', locked_by = $1, locked_until = now() + $3 * interval '1 second',
+            updated_at = now()
+        FROM due, incoming_emails e
+        WHERE o.id = due.id AND e.id = o.email_id
+        RETURNING o.id, o.operation, o.aggregate_id, o.payload, o.email_id, o.idempotency_key,
+                  o.attempts, o.created_at, e.ticket_id, e.webhook_id, o.locked_until";
+    let stmt = client.prepare_cached(SQL).await?;
+    let rows = client.query(&stmt, &[&relay_id, &limit, &lease_s]).await?;
+    let locked_until = rows.first().map(|r| r.get(10)).unwrap_or_else(Utc::now);
+    let mut rows: Vec<Claimed> = rows
+        .iter()
+        .map(|r| Claimed {
+            id: r.get(0),
+            operation: r.get(1),
+            aggregate_id: r.get(2),
+            payload: r.get(3),
+            email_id: r.get(4),
+            idempotency_key: r.get(5),
+            attempts: r.get(6),
+            created_at: r.get(7),
+            ticket_id: r.get(8),
+            webhook_id: r.get(9),
+        })
+        .collect();
+    rows.sort_by_key(|r| r.id);
+    Ok(Batch { rows, locked_until })
+}
+
+/// Marks held rows synced, and their e-mails with them. Returns the ids marked and
+/// each one's commit-to-apply lag in seconds; a missing id had lost its lease.
+pub async fn mark_synced(
+    client: &impl GenericClient,
+    ids: &[i64],
+    relay_id: &str,
+    locked_until: DateTime<Utc>,
+) -> Result<Vec<(i64, f64)>, Error> {
+    const SQL: &str = "
+        WITH done AS (
+            UPDATE outbox_messages
+            SET status = 'synced', synced_at = now(), updated_at = now(),
+                locked_by = NULL, locked_until = NULL, last_error = NULL
+            WHERE id = ANY($1) AND status = 'processing' AND locked_by = $2 AND locked_until = $3
+            RETURNING id, email_id, extract(epoch FROM synced_at - created_at)::float8 AS lag),
+        emails AS (
+            UPDATE incoming_emails SET sync_status = 'synced'
+            WHERE id IN (SELECT email_id FROM done) AND sync_status <> 'synced')
+        SELECT id, lag FROM done";
+    let stmt = client.prepare_cached(SQL).await?;
+    let rows = client
+        .query(&stmt, &[&ids, &relay_id, &locked_until])
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Records a failed attempt on held rows: back to `pending` at
+/// `now + min(cap, base·2^attempts)` with equal jitter, or `failed` (and the e-mail
+/// with it) when `permanent` or out of attempts. Returns `(id, status)` per row moved.
+#[allow(clippy::too_many_arguments)]
+pub async fn mark_attempt_failed(
+    client: &impl GenericClient,
+    ids: &[i64],
+    relay_id: &str,
+    locked_until: DateTime<Utc>,
+    error: &str,
+    permanent: bool,
+    max_attempts: i32,
+    base_ms: f64,
+    cap_ms: f64,
+) -> Result<Vec<(i64, String)>, Error> {
+    const SQL: &str = "
+        WITH moved AS (
+            UPDATE outbox_messages
+            SET attempts = attempts + 1,
+                status = CASE WHEN $5 OR attempts + 1 >= $6 THEN 'failed' ELSE 'pending' END,
+                next_attempt_at = now() + least($8::float8, $7::float8 * power(2, attempts))
+                                  * (0.5 + random() / 2) * interval '1 millisecond',
+                last_error = $4, locked_by = NULL, locked_until = NULL, updated_at = now()
+            WHERE id = ANY($1) AND status = 'processing' AND locked_by = $2 AND locked_until = $3
+            RETURNING id, email_id, status),
+        emails AS (
+            UPDATE incoming_emails SET sync_status = 'failed'
+            WHERE id IN (SELECT email_id FROM moved WHERE status = 'failed'))
+        SELECT id, status FROM moved";
+    let stmt = client.prepare_cached(SQL).await?;
+    let rows = client
+        .query(
+            &stmt,
+            &[
+                &ids,
+                &relay_id,
+                &locked_until,
+                &error,
+                &permanent,
+                &max_attempts,
+                &base_ms,
+                &cap_ms,
+            ],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Gives held rows back untouched (shutdown): `pending`, due now, attempts unchanged.
+pub async fn release(
+    client: &impl GenericClient,
+    relay_id: &str,
+    ids: Option<&[i64]>,
+) -> Result<u64, Error> {
+    let sql = "UPDATE outbox_messages
+               SET status = 'pending', locked_by = NULL, locked_until = NULL, next_attempt_at = now(), updated_at = now()
+               WHERE status = 'processing' AND locked_by = $1 AND ($2::bigint[] IS NULL OR id = ANY($2))";
+    client.execute(sql, &[&relay_id, &ids]).await
+}
+
+/// Takes back rows whose relay died (lease expired): `pending` again with the attempt
+/// counted, or `failed` when out of attempts. Returns how many moved.
+pub async fn rescue_expired(
+    client: &impl GenericClient,
+    max_attempts: i32,
+    limit: i64,
+) -> Result<u64, Error> {
+    const SQL: &str = "
+        WITH expired AS (
+            SELECT id FROM outbox_messages
+            WHERE status = 'processing' AND locked_until < now()
+            ORDER BY locked_until LIMIT $2
+            FOR UPDATE SKIP LOCKED),
+        moved AS (
+            UPDATE outbox_messages o
+            SET attempts = o.attempts + 1,
+                status = CASE WHEN o.attempts + 1 >= $1 THEN 'failed' ELSE 'pending' END,
+                last_error = 'lease expired while held by ' || o.locked_by,
+                next_attempt_at = now(), locked_by = NULL, locked_until = NULL, updated_at = now()
+            FROM expired
+            WHERE o.id = expired.id AND o.status = 'processing' AND o.locked_until < now()
+            RETURNING o.id, o.email_id, o.status),
+        emails AS (
+            UPDATE incoming_emails SET sync_status = 'failed'
+            WHERE id IN (SELECT email_id FROM moved WHERE status = 'failed'))
+        SELECT count(*) FROM moved";
+    let stmt = client.prepare_cached(SQL).await?;
+    let n: i64 = client
+        .query_one(&stmt, &[&max_attempts, &limit])
+        .await?
+        .get(0);
+    Ok(n as u64)
+}
+
+/// When the earliest pending row comes due, if any.
+pub async fn next_due(client: &impl GenericClient) -> Result<Option<DateTime<Utc>>, Error> {
+    let stmt = client
+        .prepare_cached("SELECT min(next_attempt_at) FROM outbox_messages WHERE status = 'pending'")
+        .await?;
+    Ok(client.query_one(&stmt, &[]).await?.get(0))
+}
+
+/// Deletes up to `limit` synced rows older than the retention period.
+pub async fn delete_synced_before(
+    client: &impl GenericClient,
+    retention_s: f64,
+    limit: i64,
+) -> Result<u64, Error> {
+    client
+        .execute(
+            "DELETE FROM outbox_messages WHERE id IN (
+                 SELECT id FROM outbox_messages
+                 WHERE status = 'synced' AND synced_at < now() - $1 * interval '1 second'
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            &[&retention_s, &limit],
+        )
+        .await
+}
+
+/// Deletes up to `limit` expired idempotency keys.
+pub async fn delete_expired_keys(client: &impl GenericClient, limit: i64) -> Result<u64, Error> {
+    client
+        .execute(
+            "DELETE FROM idempotency_keys WHERE key IN (
+                 SELECT key FROM idempotency_keys WHERE expires_at <= now()
+                 LIMIT $1 FOR UPDATE SKIP LOCKED)",
+            &[&limit],
+        )
+        .await
+}
+
+/// Rows per status, for the gauges and `outboxd status`.
+pub async fn counts(client: &impl GenericClient) -> Result<Vec<(String, i64)>, Error> {
+    let rows = client
+        .query(
+            "SELECT s, (SELECT count(*) FROM outbox_messages WHERE status = s)
+             FROM unnest(ARRAY['pending', 'processing', 'synced', 'failed']) AS s",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Moves failed rows back to `pending` with attempts reset, and their e-mails too.
+/// `ids` and `since` narrow the set; both `None` means every failed row.
+pub async fn requeue_failed(
+    client: &impl GenericClient,
+    ids: Option<&[i64]>,
+    since: Option<DateTime<Utc>>,
+) -> Result<u64, Error> {
+    const SQL: &str = "
+        WITH moved AS (
+            UPDATE outbox_messages
+            SET status = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now()
+            WHERE status = 'failed'
+              AND ($1::bigint[] IS NULL OR id = ANY($1))
+              AND ($2::timestamptz IS NULL OR updated_at >= $2)
+            RETURNING id, email_id),
+        emails AS (
+            UPDATE incoming_emails SET sync_status = 'pending'
+            WHERE id IN (SELECT email_id FROM moved))
+        SELECT count(*) FROM moved";
+    let n: i64 = client.query_one(SQL, &[&ids, &since]).await?.get(0);
+    Ok(n as u64)
+}
+
+/// Requeues a synced row whose document is missing or behind (audit `--repair`).
+pub async fn requeue_synced(client: &impl GenericClient, id: i64) -> Result<u64, Error> {
+    const SQL: &str = "
+        WITH moved AS (
+            UPDATE outbox_messages
+            SET status = 'pending', attempts = 0, synced_at = NULL, next_attempt_at = now(), updated_at = now()
+            WHERE id = $1 AND status = 'synced'
+            RETURNING email_id),
+        emails AS (
+            UPDATE incoming_emails SET sync_status = 'pending' WHERE id IN (SELECT email_id FROM moved))
+        SELECT count(*) FROM moved";
+    let n: i64 = client.query_one(SQL, &[&id]).await?.get(0);
+    Ok(n as u64)
+}
+
+/// One page of aggregates with their latest synced message, after `after`, for audit.
+pub async fn latest_synced_page(
+    client: &impl GenericClient,
+    after: &str,
+    since: Option<DateTime<Utc>>,
+    limit: i64,
+) -> Result<Vec<(String, i64)>, Error> {
+    let rows = client
+        .query(
+            "SELECT aggregate_id, max(id) FROM outbox_messages
+             WHERE status = 'synced' AND aggregate_id > $1
+               AND ($2::timestamptz IS NULL OR synced_at >= $2)
+             GROUP BY aggregate_id ORDER BY aggregate_id LIMIT $3",
+            &[&after, &since, &limit],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Rows in the given statuses (the gauges count pending and failed only).
+pub async fn count_status(client: &impl GenericClient, status: &str) -> Result<i64, Error> {
+    let stmt = client
+        .prepare_cached("SELECT count(*) FROM outbox_messages WHERE status = $1")
+        .await?;
+    Ok(client.query_one(&stmt, &[&status]).await?.get(0))
+}
+
+/// Age in seconds of the oldest pending row.
+pub async fn oldest_pending_age(client: &impl GenericClient) -> Result<Option<f64>, Error> {
+    let row = client
+        .query_one(
+            "SELECT extract(epoch FROM now() - min(created_at))::float8 FROM outbox_messages WHERE status = 'pending'",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Commit-to-apply lag of rows synced in the last minute: (count, p50, p99, max) in ms.
+pub async fn lag_last_minute(
+    client: &impl GenericClient,
+) -> Result<(i64, Option<f64>, Option<f64>, Option<f64>), Error> {
+    let row = client
+        .query_one(
+            "SELECT count(*),
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY lag),
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY lag),
+                    max(lag)
+             FROM (SELECT extract(epoch FROM synced_at - created_at)::float8 * 1000 AS lag
+                   FROM outbox_messages
+                   WHERE status = 'synced' AND synced_at > now() - interval '1 minute') l",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1), row.get(2), row.get(3)))
+}
+
+/// Failed rows grouped by their last error: (error, rows, newest id).
+pub async fn failed_by_error(
+    client: &impl GenericClient,
+) -> Result<Vec<(String, i64, i64)>, Error> {
+    let rows = client
+        .query(
+            "SELECT coalesce(last_error, ''), count(*), max(id) FROM outbox_messages
+             WHERE status = 'failed' GROUP BY 1 ORDER BY 2 DESC, 3 DESC LIMIT 50",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
+/// Rows in flight by relay: (relay id, rows, latest lease expiry, any lease expired).
+pub async fn inflight(
+    client: &impl GenericClient,
+) -> Result<Vec<(String, i64, DateTime<Utc>, bool)>, Error> {
+    let rows = client
+        .query(
+            "SELECT locked_by, count(*), max(locked_until), bool_or(locked_until < now())
+             FROM outbox_messages WHERE status = 'processing' GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect())
+}

@@ -1,0 +1,208 @@
+//! `outboxd relay`: listens, claims, applies to MongoDB, marks. Run as many as needed.
+
+pub mod health;
+pub mod listener;
+pub mod worker;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hyper::{Method, StatusCode};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::http::{self, Limits};
+use crate::systemd::{self, Heartbeat};
+use crate::{db, mongo, outbox};
+use health::Health;
+use worker::Shared;
+
+/// The default relay id: host name and process id.
+pub fn default_id() -> String {
+    format!(
+        "{}-{}",
+        gethostname::gethostname().to_string_lossy(),
+        std::process::id()
+    )
+}
+
+/// Runs until `shutdown`, then stops claiming, finishes the batches in hand (or,
+/// past the shutdown timeout, gives them back), and returns.
+pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let relay_id = config.relay.id.clone().unwrap_or_else(default_id);
+    let metrics = crate::telemetry::init_metrics(&[("relay_id", &relay_id)]);
+    let pool = db::pool(&config.database)?;
+    let sink = mongo::connect(&config.mongodb).await?;
+    let shared = Arc::new(Shared {
+        relay_id: relay_id.clone(),
+        config: config.relay.clone(),
+        pool: pool.clone(),
+        sink,
+        postgres: Health::new("PostgreSQL"),
+        mongodb: Health::new("MongoDB"),
+        heartbeat: Heartbeat::default(),
+    });
+    shared.heartbeat.beat();
+    metrics::gauge!("outboxd_relay_listener_connected").set(0.0);
+
+    let tasks = TaskTracker::new();
+    // Helpers stop with `background`; workers with `shutdown`, after their batch.
+    let background = CancellationToken::new();
+    if let Some(addr) = config.relay.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (`relay.metrics_listen`)"))?;
+        tasks.spawn(serve_metrics(listener, metrics, background.clone()));
+    }
+    let wakers: Vec<Arc<Notify>> = (0..config.relay.workers)
+        .map(|_| Arc::new(Notify::new()))
+        .collect();
+    let pg = db::pg_config(&config.database)?;
+    tasks.spawn(listener::run(
+        pg,
+        wakers.clone(),
+        config.relay.poll_interval_ms,
+        background.clone(),
+    ));
+    tasks.spawn(housekeeping(shared.clone(), background.clone()));
+    let workers = TaskTracker::new();
+    for wake in &wakers {
+        workers.spawn(worker::run(shared.clone(), wake.clone(), shutdown.clone()));
+    }
+    workers.close();
+    tracing::info!(relay_id = %relay_id, workers = config.relay.workers, "relay started");
+    systemd::ready();
+    let watchdog = systemd::spawn_watchdog(shutdown.clone(), Some(shared.heartbeat.clone()));
+
+    shutdown.cancelled().await;
+    systemd::stopping();
+    let timeout = Duration::from_secs(config.relay.shutdown_timeout_s);
+    if tokio::time::timeout(timeout, workers.wait()).await.is_err() {
+        tracing::warn!("shutdown timeout: releasing the rows still held");
+        // A worker still applying may finish later; its mark then finds no lease.
+        match pool.get().await {
+            Ok(client) => match outbox::release(&client, &relay_id, None).await {
+                Ok(n) => tracing::info!(released = n, "rows given back"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not release rows; their leases will expire")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release rows; their leases will expire")
+            }
+        }
+    }
+    background.cancel();
+    watchdog.abort();
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+    tracing::info!(relay_id = %relay_id, "relay stopped");
+    Ok(())
+}
+
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    shutdown: CancellationToken,
+) {
+    let limits = Limits {
+        max_connections: 64,
+        header_read_timeout: Duration::from_secs(5),
+        shutdown_timeout: Duration::from_secs(1),
+    };
+    tracing::info!(listen = ?listener.local_addr().ok(), "metrics listening");
+    http::serve(listener, limits, shutdown, move |req| {
+        let metrics = metrics.clone();
+        async move {
+            match (req.method(), req.uri().path()) {
+                (&Method::GET, "/metrics") => http::text(
+                    StatusCode::OK,
+                    metrics.render(),
+                    "text/plain; version=0.0.4",
+                ),
+                (&Method::GET, "/healthz") => {
+                    http::json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+                }
+                _ => http::status_only(StatusCode::NOT_FOUND, "not found"),
+            }
+        }
+    })
+    .await;
+}
+
+/// Lease rescue (every poll interval), retention and key expiry (every
+/// housekeeping interval, in small batches), and the backlog gauges.
+async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let config = &shared.config;
+    let mut rescue = tokio::time::interval(Duration::from_millis(config.poll_interval_ms));
+    let mut cleanup =
+        tokio::time::interval(Duration::from_secs(config.housekeeping_interval_s.max(1)));
+    let mut gauges = tokio::time::interval(Duration::from_secs(10));
+    rescue.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    cleanup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = rescue.tick() => rescue_leases(&shared).await,
+            _ = cleanup.tick() => clean_up(&shared, &shutdown).await,
+            _ = gauges.tick() => refresh_gauges(&shared).await,
+        };
+        if let Err(e) = result {
+            shared.postgres.failed(&e);
+        }
+    }
+}
+
+async fn rescue_leases(shared: &Shared) -> anyhow::Result<()> {
+    let client = shared.pool.get().await?;
+    let n = outbox::rescue_expired(
+        &client,
+        shared.config.max_attempts,
+        shared.config.housekeeping_batch,
+    )
+    .await?;
+    if n > 0 {
+        tracing::warn!(
+            rows = n,
+            "took back rows whose lease expired (a relay died or stalled)"
+        );
+    }
+    Ok(())
+}
+
+async fn clean_up(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let batch = shared.config.housekeeping_batch;
+    let retention = shared.config.retention_s as f64;
+    let mut deleted = (0, 0);
+    loop {
+        let client = shared.pool.get().await?;
+        let keys = outbox::delete_expired_keys(&client, batch).await?;
+        let rows = outbox::delete_synced_before(&client, retention, batch).await?;
+        deleted = (deleted.0 + keys, deleted.1 + rows);
+        if (keys < batch as u64 && rows < batch as u64) || shutdown.is_cancelled() {
+            break;
+        }
+        // Small batches with pauses keep locks and WAL bursts short.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if deleted != (0, 0) {
+        tracing::info!(
+            expired_keys = deleted.0,
+            synced_rows = deleted.1,
+            "housekeeping deleted"
+        );
+    }
+    Ok(())
+}
+
+async fn refresh_gauges(shared: &Shared) -> anyhow::Result<()> {
+    let client = shared.pool.get().await?;
+    let pending = outbox::count_status(&client, "pending").await?;
+    let failed = outbox::count_status(&client, "failed").await?;
+    metrics::gauge!("outboxd_relay_pending_rows").set(pending as f64);
+    metrics::gauge!("outboxd_relay_failed_rows").set(failed as f64);
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! One worker loop: claim a batch, apply it to MongoDB, mark each row.
+//!
+//! `run_batch` returns `Ok(Some(n))` when it handled `n` rows (go on at once),
+//! `Ok(None)` when nothing was due (wait for a wake-up, the next due row, or the
+//! poll interval), and `Err` when PostgreSQL failed (back off, then try again).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use chrono::Utc;
+use deadpool_postgres::Pool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::health::Health;
+use crate::config::RelayConfig;
+use crate::db;
+use crate::mongo::{Outcome, Sink};
+use crate::outbox::{self, Batch};
+use crate::systemd::Heartbeat;
+
+/// What all workers of one relay share.
+pub struct Shared {
+    pub relay_id: String,
+    pub config: RelayConfig,
+    pub pool: Pool,
+    pub sink: Sink,
+    pub postgres: Health,
+    pub mongodb: Health,
+    pub heartbeat: Heartbeat,
+}
+
+/// What one batch did.
+pub struct Progress {
+    rows: usize,
+    mongo_down: bool,
+}
+
+pub async fn run(shared: Arc<Shared>, wake: Arc<Notify>, shutdown: CancellationToken) {
+    let poll = Duration::from_millis(shared.config.poll_interval_ms);
+    let schedule = || {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(30))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    };
+    let mut backoff = schedule();
+    while !shutdown.is_cancelled() {
+        shared.heartbeat.beat();
+        let pause = match run_batch(&shared).await {
+            Ok(Some(Progress {
+                mongo_down: false, ..
+            })) => {
+                backoff = schedule();
+                continue;
+            }
+            Ok(Some(Progress {
+                mongo_down: true, ..
+            })) => backoff.next(),
+            Ok(None) => {
+                backoff = schedule();
+                idle_wait(&shared, poll).await
+            }
+            Err(e) => {
+                shared.postgres.failed(&e);
+                backoff.next()
+            }
+        };
+        let pause = pause.unwrap_or(poll);
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = wake.notified(), if !shared.mongodb.is_down() && !shared.postgres.is_down() => {}
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// How long to sleep when nothing is due: until the earliest `next_attempt_at`,
+/// at most the poll interval. A NOTIFY ends the sleep sooner.
+async fn idle_wait(shared: &Shared, poll: Duration) -> Option<Duration> {
+    let client = shared.pool.get().await.ok()?;
+    let due = outbox::next_due(&client).await.ok()??;
+    let until = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+    Some(until.min(poll))
+}
+
+pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Error> {
+    let config = &shared.config;
+    let client = shared.pool.get().await?;
+    let batch = outbox::claim(
+        &client,
+        &shared.relay_id,
+        config.batch_size,
+        config.lease_s as f64,
+    )
+    .await?;
+    shared.postgres.ok();
+    if batch.rows.is_empty() {
+        return Ok(None);
+    }
+    drop(client);
+    metrics::histogram!("outboxd_relay_batch_size").record(batch.rows.len() as f64);
+
+    let started = Instant::now();
+    let outcomes = shared
+        .sink
+        .apply(&batch.rows, config.write_concurrency)
+        .await;
+    metrics::histogram!("outboxd_relay_apply_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+
+    let mut applied = Vec::new();
+    let mut failures: BTreeMap<(bool, String), Vec<i64>> = BTreeMap::new();
+    for row in &batch.rows {
+        match &outcomes[&row.id] {
+            Outcome::Applied => applied.push(row.id),
+            Outcome::Transient(e) => failures.entry((false, e.clone())).or_default().push(row.id),
+            Outcome::Permanent(e) => failures.entry((true, e.clone())).or_default().push(row.id),
+        }
+    }
+    let mongo_down = failures.keys().any(|(permanent, _)| !permanent);
+    match failures.keys().find(|(permanent, _)| !permanent) {
+        Some((_, error)) => shared.mongodb.failed(error),
+        None => shared.mongodb.ok(),
+    }
+    mark(shared, &batch, applied, failures).await?;
+    Ok(Some(Progress {
+        rows: batch.rows.len(),
+        mongo_down,
+    }))
+}
+
+/// Records each row's outcome; retried briefly, since an unmarked row waits for its lease.
+async fn mark(
+    shared: &Shared,
+    batch: &Batch,
+    applied: Vec<i64>,
+    failures: BTreeMap<(bool, String), Vec<i64>>,
+) -> anyhow::Result<()> {
+    let config = &shared.config;
+    let retry = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .with_total_delay(Some(Duration::from_secs(config.lease_s / 2)));
+    let rows_by_id: BTreeMap<i64, &outbox::Claimed> =
+        batch.rows.iter().map(|r| (r.id, r)).collect();
+
+    if !applied.is_empty() {
+        let marked = (|| async {
+            let client = shared.pool.get().await?;
+            Ok::<_, anyhow::Error>(
+                outbox::mark_synced(&client, &applied, &shared.relay_id, batch.locked_until)
+                    .await?,
+            )
+        })
+        .retry(retry)
+        .when(is_transient)
+        .await?;
+        metrics::counter!("outboxd_relay_rows_applied_total").increment(marked.len() as u64);
+        for (id, lag) in &marked {
+            metrics::histogram!("outboxd_relay_lag_seconds").record(*lag);
+            let row = rows_by_id[id];
+            tracing::debug!(
+                outbox_id = row.id, email_id = row.email_id, idempotency_key = %row.idempotency_key,
+                operation = %row.operation, relay_id = %shared.relay_id, lag_ms = lag * 1000.0, "synced"
+            );
+        }
+        stale(shared, &applied, marked.iter().map(|m| m.0), &rows_by_id);
+    }
+    for ((permanent, error), ids) in failures {
+        let moved = (|| async {
+            let client = shared.pool.get().await?;
+            Ok::<_, anyhow::Error>(
+                outbox::mark_attempt_failed(
+                    &client,
+                    &ids,
+                    &shared.relay_id,
+                    batch.locked_until,
+                    &error,
+                    permanent,
+                    config.max_attempts,
+                    config.backoff_base_ms as f64,
+                    config.backoff_cap_ms as f64,
+                )
+                .await?,
+            )
+        })
+        .retry(retry)
+        .when(is_transient)
+        .await?;
+        for (id, status) in &moved {
+            let row = rows_by_id[id];
+            if status == "failed" {
+                metrics::counter!("outboxd_relay_rows_failed_total").increment(1);
+                tracing::warn!(
+                    outbox_id = row.id, email_id = row.email_id, idempotency_key = %row.idempotency_key,
+                    operation = %row.operation, relay_id = %shared.relay_id, attempts = row.attempts + 1,
+                    error = %error, "failed"
+                );
+            } else {
+                metrics::counter!("outboxd_relay_rows_retried_total").increment(1);
+                tracing::debug!(
+                    outbox_id = row.id, email_id = row.email_id, idempotency_key = %row.idempotency_key,
+                    operation = %row.operation, relay_id = %shared.relay_id, attempts = row.attempts + 1,
+                    error = %error, "will retry"
+                );
+            }
+        }
+        stale(shared, &ids, moved.iter().map(|m| m.0), &rows_by_id);
+    }
+    Ok(())
+}
+
+/// Rows we applied but could not mark: their lease expired and another relay took
+/// them; its outcome stands, and ours is dropped.
+fn stale(
+    shared: &Shared,
+    expected: &[i64],
+    marked: impl Iterator<Item = i64>,
+    rows: &BTreeMap<i64, &outbox::Claimed>,
+) {
+    let marked: std::collections::HashSet<i64> = marked.collect();
+    for id in expected.iter().filter(|id| !marked.contains(id)) {
+        let row = rows[id];
+        metrics::counter!("outboxd_relay_rows_stale_total").increment(1);
+        tracing::warn!(
+            outbox_id = row.id, email_id = row.email_id, idempotency_key = %row.idempotency_key,
+            operation = %row.operation, relay_id = %shared.relay_id,
+            "lease lost before the mark; leaving the row to its new holder"
+        );
+    }
+}
+
+fn is_transient(e: &anyhow::Error) -> bool {
+    if let Some(pg) = e.downcast_ref::<tokio_postgres::Error>() {
+        return db::is_transient(pg);
+    }
+    if let Some(pool) = e.downcast_ref::<deadpool_postgres::PoolError>() {
+        return db::pool_error_is_transient(pool);
+    }
+    false
+}
+
+impl Progress {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}

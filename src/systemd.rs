@@ -1,0 +1,62 @@
+//! systemd's notify protocol: READY, WATCHDOG and STOPPING. No-ops outside systemd.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sd_notify::NotifyState;
+use tokio_util::sync::CancellationToken;
+
+pub fn ready() {
+    let _ = sd_notify::notify(&[NotifyState::Ready]);
+}
+
+pub fn stopping() {
+    let _ = sd_notify::notify(&[NotifyState::Stopping]);
+}
+
+/// The main loop's last turn, in unix seconds; the watchdog only pets while it is fresh.
+#[derive(Clone, Default)]
+pub struct Heartbeat(Arc<AtomicU64>);
+
+impl Heartbeat {
+    pub fn beat(&self) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        self.0.store(now, Ordering::Relaxed);
+        metrics::gauge!("outboxd_relay_heartbeat_timestamp_seconds").set(now as f64);
+    }
+
+    fn age(&self) -> Duration {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        Duration::from_secs(now.saturating_sub(self.0.load(Ordering::Relaxed)))
+    }
+}
+
+/// Sends WATCHDOG=1 at half the configured interval, while `heartbeat` (if any) is
+/// younger than the interval: a wedged main loop then gets the unit restarted.
+pub fn spawn_watchdog(
+    shutdown: CancellationToken,
+    heartbeat: Option<Heartbeat>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let Some(interval) = sd_notify::watchdog_enabled() else {
+            return;
+        };
+        let mut tick = tokio::time::interval(interval / 2);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if heartbeat.as_ref().is_none_or(|h| h.age() < interval) {
+                let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+            }
+        }
+    })
+}
