@@ -27,7 +27,7 @@ TEST_EXTRA ?=
 # DATABASE_URL and MONGODB_URL into the (single, .ONESHELL) recipe shell.
 WITH_SERVICES = services_env="$$(scripts/services.sh)"; eval "$$services_env"
 
-.PHONY: help services status build migrate run test test-extra clean-services
+.PHONY: help services status build migrate run test test-extra clean-services check-ops bench chaos fuzz
 
 help: ## list targets
 	@echo "usage: make <target>"
@@ -80,6 +80,8 @@ test: ## services, then fmt check, clippy, and the whole test suite
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 	step "cargo test --locked --all-targets -- --test-threads=$(TEST_THREADS)"
 	$(CARGO) test --locked --all-targets -- --test-threads=$(TEST_THREADS)
+	step "make check-ops"
+	$(MAKE) check-ops
 	$(if $(strip $(TEST_EXTRA)),step "make $(TEST_EXTRA)"; $(MAKE) $(TEST_EXTRA))
 
 # Hook: `make test-extra` runs only the extra steps (with services' env).
@@ -89,3 +91,19 @@ test-extra: ## run only the TEST_EXTRA targets (none by default)
 
 clean-services: ## stop the FerretDB started by `make services` (PostgreSQL is left alone)
 	@scripts/services.sh stop
+
+check-ops: ## systemd-analyze verify/security on systemd/, promtool on contrib/
+	@scripts/check-units.sh
+	scripts/check-contrib.sh
+
+bench: ## services, then the release benchmarks (BENCH_SCALE=small for a quick run); writes target/bench/report.json
+	@$(WITH_SERVICES)
+	$(CARGO) bench --locked --bench outboxd
+
+chaos: ## services, then the full fault campaign (CHAOS_PROFILE=quick for the short one); writes target/chaos/report.json
+	@$(WITH_SERVICES)
+	CHAOS_PROFILE="$${CHAOS_PROFILE:-full}" $(CARGO) test --release --locked --test chaos -- --nocapture --test-threads=1
+
+fuzz: ## services, then a long hostile-input campaign against ingest (HOSTILE_CASES=N)
+	@$(WITH_SERVICES)
+	HOSTILE_CASES="$${HOSTILE_CASES:-20000}" $(CARGO) test --release --locked --test hostile_input -- --nocapture

@@ -1,0 +1,425 @@
+//! Test harness: each test gets its own PostgreSQL database, cloned from a migrated
+//! template, and its own MongoDB database; both are dropped when the test ends.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mongodb::bson::{Document, doc};
+use outboxd::config::Config;
+use outboxd::ingest::{self, webhook};
+use serde_json::Value;
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &str = "test-secret-never-logged";
+pub const SAMPLE: &str = include_str!("../../examples/webhook-email.json");
+
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL").expect("DATABASE_URL is set (run `eval \"$(make -s services)\"`)")
+}
+
+pub fn mongodb_url() -> String {
+    std::env::var("MONGODB_URL").unwrap_or_else(|_| "mongodb://127.0.0.1:27017/outboxd".into())
+}
+
+/// `url` with its database (path) replaced.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("URL has a scheme");
+    let (authority, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    let query = tail.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    format!("{scheme}://{authority}/{name}{query}")
+}
+
+async fn admin() -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&database_url(), NoTls).await.expect("PostgreSQL reachable");
+    tokio::spawn(conn);
+    client
+}
+
+fn template_name() -> String {
+    let mut sums = String::new();
+    for (v, _, sql) in outboxd::migrate::MIGRATIONS {
+        sums.push_str(&format!("{v}:{}", sql.len()));
+        sums.push_str(&outboxd::idempotency::content_hash(&Value::String(sql.to_string())));
+    }
+    format!("outboxd_tpl_{}", &outboxd::idempotency::content_hash(&Value::String(sums))[..12])
+}
+
+/// Creates the migrated template once per schema, under an advisory lock.
+async fn ensure_template(admin: &tokio_postgres::Client) -> String {
+    let name = template_name();
+    admin.execute("SELECT pg_advisory_lock(7411)", &[]).await.unwrap();
+    let exists: bool = admin
+        .query_one("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", &[&name])
+        .await
+        .unwrap()
+        .get(0);
+    if !exists {
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+        let (mut client, conn) = tokio_postgres::connect(&with_database(&database_url(), &name), NoTls)
+            .await
+            .unwrap();
+        let handle = tokio::spawn(conn);
+        outboxd::migrate::run(&mut client).await.expect("migrations apply to the template");
+        drop(client);
+        let _ = handle.await;
+    }
+    admin.execute("SELECT pg_advisory_unlock(7411)", &[]).await.unwrap();
+    name
+}
+
+/// A fresh database pair for one test.
+pub struct TestEnv {
+    pub name: String,
+    pub database_url: String,
+    pub mongodb_url: String,
+    pub mongo: mongodb::Database,
+}
+
+impl TestEnv {
+    pub async fn new() -> TestEnv {
+        let admin = admin().await;
+        let template = ensure_template(&admin).await;
+        let name = format!("t_{}_{:08x}", std::process::id(), fastrand::u32(..));
+        let mut tries = 0;
+        // Concurrent clones may briefly see the template busy.
+        while let Err(e) = admin.batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}")).await {
+            tries += 1;
+            assert!(tries < 50, "cannot clone the template: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mongodb_url = with_database(&mongodb_url(), &name);
+        let client = mongodb::Client::with_uri_str(&mongodb_url).await.unwrap();
+        TestEnv {
+            database_url: with_database(&database_url(), &name),
+            mongo: client.database(&name),
+            mongodb_url,
+            name,
+        }
+    }
+
+    /// A config pointing at this test's databases, with quick timings for tests.
+    pub fn config(&self) -> Config {
+        let mut config = Config::default();
+        config.database.url = self.database_url.clone().into();
+        config.database.pool_size = 8;
+        config.mongodb.url = self.mongodb_url.clone().into();
+        config.relay.poll_interval_ms = 200;
+        config.relay.backoff_base_ms = 100;
+        config.relay.backoff_cap_ms = 1000;
+        config.relay.lease_s = 5;
+        config
+    }
+
+    pub async fn pg(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.database_url, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.pg().await.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
+    pub fn docs(&self) -> mongodb::Collection<Document> {
+        self.mongo.collection("creditor_debts")
+    }
+
+    pub async fn doc(&self, aggregate: &str) -> Option<Document> {
+        self.docs().find_one(doc! {"_id": aggregate}).await.unwrap()
+    }
+
+    /// Environment for a child `outboxd` process.
+    pub fn child_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("DATABASE_URL".into(), self.database_url.clone()),
+            ("MONGODB_URL".into(), self.mongodb_url.clone()),
+            ("OUTBOXD_WEBHOOK_SECRET".into(), SECRET.into()),
+            ("OUTBOXD__RELAY__POLL_INTERVAL_MS".into(), "200".into()),
+            ("OUTBOXD__RELAY__BACKOFF_BASE_MS".into(), "100".into()),
+            ("OUTBOXD__RELAY__BACKOFF_CAP_MS".into(), "1000".into()),
+            ("OUTBOXD__RELAY__LEASE_S".into(), "5".into()),
+            ("OUTBOXD__DATABASE__POOL_SIZE".into(), "8".into()),
+            ("OUTBOXD__LOG__FORMAT".into(), "json".into()),
+        ]
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let mongo = self.mongo.clone();
+        // Drop runs outside async; clean up on a runtime of our own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let admin = admin().await;
+                let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+                let _ = mongo.drop().await;
+            });
+        })
+        .join();
+    }
+}
+
+/// An in-process ingest on a free loopback port.
+pub struct Ingest {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub handle: tokio::task::JoinHandle<()>,
+}
+
+impl Ingest {
+    pub async fn start(config: &Config) -> Ingest {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let pool = outboxd::db::pool(&config.database).unwrap();
+        let app = ingest::App::new(config, pool, SECRET.to_string().into(), shutdown.clone());
+        let handle = tokio::spawn(ingest::serve(listener, app, shutdown.clone()));
+        Ingest { addr, shutdown, handle }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/webhooks/email", self.addr)
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.handle.await;
+    }
+}
+
+pub fn now_stamp() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// Posts a body signed with the test secret.
+pub async fn post_signed(http: &reqwest::Client, url: &str, body: &str) -> (u16, Value) {
+    let ts = now_stamp();
+    let sig = webhook::sign(SECRET.as_bytes(), &ts, body.as_bytes());
+    let response = http
+        .post(url)
+        .header("content-type", "application/json")
+        .header(webhook::SIGNATURE_HEADER, sig)
+        .header(webhook::TIMESTAMP_HEADER, ts)
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("ingest answers");
+    let status = response.status().as_u16();
+    let json = response.json().await.unwrap_or(Value::Null);
+    (status, json)
+}
+
+/// A webhook body for `client`/`creditor` with `amount`, unique webhook id `n`.
+pub fn event(n: u64, client: &str, creditor: &str, amount: &str) -> String {
+    let mut v: Value = serde_json::from_str(SAMPLE).unwrap();
+    v["webhook_id"] = Value::String(format!("evt-{n}-{:08x}", fastrand::u32(..)));
+    v["creditor_debt"]["client_reference"] = Value::String(client.into());
+    v["creditor_debt"]["creditor_reference"] = Value::String(creditor.into());
+    v["creditor_debt"]["amount"] = Value::String(amount.into());
+    v.to_string()
+}
+
+/// Polls `check` until it is true or `timeout` passes; returns whether it became true.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A child `outboxd` process whose log goes to a file; killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str], env: &[(String, String)], log_name: &str) -> Proc {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let log = dir.join(format!("{log_name}-{}-{:08x}.log", std::process::id(), fastrand::u32(..)));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("outboxd starts");
+        Proc { child, log }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill").args([&format!("-{signal}"), &self.pid().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for exit up to `timeout`; `None` if it is still running.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A private FerretDB on its own port and SQLite directory, for tests that stop it.
+pub struct Ferret {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+pub fn ferretdb_bin() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/bin/ferretdb"))
+}
+
+impl Ferret {
+    pub async fn start() -> Ferret {
+        let port = free_port();
+        let mut ferret = Ferret { port, dir: tempfile::tempdir().unwrap(), child: None };
+        ferret.resume().await;
+        ferret
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("mongodb://127.0.0.1:{}/{db}", self.port)
+    }
+
+    pub async fn resume(&mut self) {
+        let data = self.dir.path().join("data");
+        let state = self.dir.path().join("state");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::create_dir_all(&state).unwrap();
+        let child = Command::new(ferretdb_bin())
+            .arg(format!("--listen-addr=127.0.0.1:{}", self.port))
+            .arg("--handler=sqlite")
+            .arg(format!("--sqlite-url=file:{}/", data.display()))
+            .arg(format!("--state-dir={}", state.display()))
+            .arg("--telemetry=disable")
+            .arg("--debug-addr=-")
+            .arg("--log-level=error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("FerretDB starts (make services builds it)");
+        self.child = Some(child);
+        let port = self.port;
+        let up = eventually(Duration::from_secs(20), || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        })
+        .await;
+        assert!(up, "FerretDB did not start");
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Ferret {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A TCP proxy on loopback that can cut every connection and refuse new ones,
+/// to stand for a database that went away.
+pub struct Proxy {
+    pub port: u16,
+    up: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (up, _) = tokio::sync::watch::channel(true);
+        let up = Arc::new(up);
+        let state = up.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                if !*state.borrow() {
+                    drop(inbound);
+                    continue;
+                }
+                let mut down = state.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = down.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Proxy { port, up }
+    }
+
+    pub fn set_up(&self, up: bool) {
+        let _ = self.up.send(up);
+    }
+}
+
+pub fn pg_addr() -> SocketAddr {
+    let url = database_url();
+    let authority = url.split("://").nth(1).unwrap().split('/').next().unwrap();
+    let host_port = authority.rsplit('@').next().unwrap();
+    let host_port = if host_port.contains(':') { host_port.to_string() } else { format!("{host_port}:5432") };
+    let host_port = host_port.replace("localhost", "127.0.0.1");
+    host_port.parse().expect("DATABASE_URL host is an IP address or localhost")
+}
+
+/// A URL like `url` but through `port` on loopback.
+pub fn via_port(url: &str, port: u16) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (authority, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    let creds = authority.rsplit_once('@').map(|(c, _)| format!("{c}@")).unwrap_or_default();
+    format!("{scheme}://{creds}127.0.0.1:{port}/{tail}")
+}
