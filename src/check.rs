@@ -39,7 +39,7 @@ async fn postgres(config: &Config) -> anyhow::Result<String> {
     let (client, connection) = pg
         .connect(tokio_postgres::NoTls)
         .await
-        .map_err(|e| anyhow::anyhow!("unreachable: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("unreachable: {}", db::describe(&e)))?;
     tokio::spawn(connection);
     let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
     let expected = migrate::latest_version();

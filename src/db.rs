@@ -53,6 +53,18 @@ pub fn pool(config: &DatabaseConfig) -> anyhow::Result<Pool> {
         .context("cannot build the PostgreSQL pool")
 }
 
+/// The error with its causes ("db error: password authentication failed…").
+pub fn describe(err: &tokio_postgres::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// True when retrying later may succeed: the server is unreachable, restarting,
 /// overloaded, or the statement timed out. False for errors in the statement itself.
 pub fn is_transient(err: &tokio_postgres::Error) -> bool {

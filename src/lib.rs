@@ -24,7 +24,7 @@ pub async fn migrate_cmd(config: &config::Config) -> anyhow::Result<u8> {
     let (mut client, connection) = pg
         .connect(tokio_postgres::NoTls)
         .await
-        .map_err(|e| anyhow::anyhow!("PostgreSQL unreachable: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("PostgreSQL unreachable: {}", db::describe(&e)))?;
     tokio::spawn(connection);
     let applied = migrate::run(&mut client).await?;
     if applied.is_empty() {

@@ -41,7 +41,6 @@ async fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "outboxd failed");
             eprintln!("outboxd: {e:#}");
             ExitCode::FAILURE
         }

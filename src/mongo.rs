@@ -81,6 +81,11 @@ impl Sink {
         &self.collection
     }
 
+    /// A round trip to the server.
+    pub async fn ping(&self) -> Result<(), MongoError> {
+        self.db.run_command(doc! { "ping": 1 }).await.map(|_| ())
+    }
+
     /// The server's version, by `buildInfo`.
     pub async fn server_version(&self) -> Result<String, MongoError> {
         let info = self.db.run_command(doc! { "buildInfo": 1 }).await?;

@@ -259,6 +259,57 @@ pub async fn mark_attempt_failed(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// Advisory-lock class for "this session writes this aggregate to MongoDB now".
+const AGGREGATE_LOCK_CLASS: i32 = 0x6f62; // "ob"
+
+/// Takes session-level advisory locks on the aggregates, without waiting; answers
+/// those locked. While a relay holds an aggregate's lock, no other relay writes its
+/// document, so a write never races a write of an older message (FerretDB's
+/// updates are not atomic under concurrency). A relay that dies frees its locks
+/// with its session.
+pub async fn lock_aggregates(
+    client: &impl GenericClient,
+    aggregates: &[&str],
+) -> Result<Vec<String>, Error> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT a FROM unnest($1::text[]) AS a WHERE pg_try_advisory_lock($2, hashtext(a))",
+        )
+        .await?;
+    let rows = client
+        .query(&stmt, &[&aggregates, &AGGREGATE_LOCK_CLASS])
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Releases every aggregate lock this session holds.
+pub async fn unlock_aggregates(client: &impl GenericClient) -> Result<(), Error> {
+    client
+        .execute("SELECT pg_advisory_unlock_all()", &[])
+        .await
+        .map(|_| ())
+}
+
+/// Gives back held rows whose aggregate another relay is writing right now: pending
+/// again shortly, attempts unchanged.
+pub async fn defer(
+    client: &impl GenericClient,
+    ids: &[i64],
+    relay_id: &str,
+    locked_until: DateTime<Utc>,
+    delay_ms: f64,
+) -> Result<u64, Error> {
+    client
+        .execute(
+            "UPDATE outbox_messages
+             SET status = 'pending', locked_by = NULL, locked_until = NULL, updated_at = now(),
+                 next_attempt_at = now() + $4 * interval '1 millisecond'
+             WHERE id = ANY($1) AND status = 'processing' AND locked_by = $2 AND locked_until = $3",
+            &[&ids, &relay_id, &locked_until, &delay_ms],
+        )
+        .await
+}
+
 /// Gives held rows back untouched (shutdown): `pending`, due now, attempts unchanged.
 pub async fn release(
     client: &impl GenericClient,

@@ -19,6 +19,7 @@ pub fn init_logs(config: &LogConfig) {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // A second init (tests start several apps in one process) is harmless.
     let _ = if json {
@@ -26,6 +27,7 @@ pub fn init_logs(config: &LogConfig) {
             .json()
             .flatten_event(true)
             .with_current_span(true)
+            .with_span_list(false)
             .try_init()
     } else {
         builder.try_init()

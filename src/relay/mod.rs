@@ -113,7 +113,9 @@ async fn serve_metrics(
         header_read_timeout: Duration::from_secs(5),
         shutdown_timeout: Duration::from_secs(1),
     };
-    tracing::info!(listen = ?listener.local_addr().ok(), "metrics listening");
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(listen = %addr, "metrics listening");
+    }
     http::serve(listener, limits, shutdown, move |req| {
         let metrics = metrics.clone();
         async move {

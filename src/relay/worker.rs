@@ -4,7 +4,7 @@
 //! `Ok(None)` when nothing was due (wait for a wake-up, the next due row, or the
 //! poll interval), and `Err` when PostgreSQL failed (back off, then try again).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,9 +17,12 @@ use tokio_util::sync::CancellationToken;
 use super::health::Health;
 use crate::config::RelayConfig;
 use crate::db;
-use crate::mongo::{Outcome, Sink};
+use crate::mongo::{self, Outcome, Sink};
 use crate::outbox::{self, Batch};
 use crate::systemd::Heartbeat;
+
+/// How soon rows deferred for a busy aggregate come due again.
+const DEFER_MS: f64 = 50.0;
 
 /// What all workers of one relay share.
 pub struct Shared {
@@ -90,8 +93,19 @@ async fn idle_wait(shared: &Shared, poll: Duration) -> Option<Duration> {
 
 pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Error> {
     let config = &shared.config;
+    // While MongoDB is down, probe it instead of claiming rows only to fail them.
+    if shared.mongodb.is_down() {
+        if let Err(e) = shared.sink.ping().await {
+            shared.mongodb.failed(&mongo::redact(&e));
+            return Ok(Some(Progress {
+                rows: 0,
+                mongo_down: true,
+            }));
+        }
+        shared.mongodb.ok();
+    }
     let client = shared.pool.get().await?;
-    let batch = outbox::claim(
+    let mut batch = outbox::claim(
         &client,
         &shared.relay_id,
         config.batch_size,
@@ -102,7 +116,33 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     if batch.rows.is_empty() {
         return Ok(None);
     }
-    drop(client);
+    let claimed = batch.rows.len();
+
+    // This session holds the aggregates' locks until the writes are done.
+    let mut aggregates: Vec<&str> = batch.rows.iter().map(|r| r.aggregate_id.as_str()).collect();
+    aggregates.sort_unstable();
+    aggregates.dedup();
+    let locked: HashSet<String> = outbox::lock_aggregates(&client, &aggregates)
+        .await?
+        .into_iter()
+        .collect();
+    if locked.len() < aggregates.len() {
+        let busy: Vec<i64> = batch
+            .rows
+            .iter()
+            .filter(|r| !locked.contains(&r.aggregate_id))
+            .map(|r| r.id)
+            .collect();
+        outbox::defer(
+            &client,
+            &busy,
+            &shared.relay_id,
+            batch.locked_until,
+            DEFER_MS,
+        )
+        .await?;
+        batch.rows.retain(|r| locked.contains(&r.aggregate_id));
+    }
     metrics::histogram!("outboxd_relay_batch_size").record(batch.rows.len() as f64);
 
     let started = Instant::now();
@@ -112,6 +152,9 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
         .await;
     metrics::histogram!("outboxd_relay_apply_duration_seconds")
         .record(started.elapsed().as_secs_f64());
+    // Should this fail, the session is broken and its locks are gone with it.
+    let _ = outbox::unlock_aggregates(&client).await;
+    drop(client);
 
     let mut applied = Vec::new();
     let mut failures: BTreeMap<(bool, String), Vec<i64>> = BTreeMap::new();
@@ -129,7 +172,7 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     }
     mark(shared, &batch, applied, failures).await?;
     Ok(Some(Progress {
-        rows: batch.rows.len(),
+        rows: claimed,
         mongo_down,
     }))
 }

@@ -30,12 +30,17 @@ pub fn mongodb_url() -> String {
 pub fn with_database(url: &str, name: &str) -> String {
     let (scheme, rest) = url.split_once("://").expect("URL has a scheme");
     let (authority, tail) = rest.split_once('/').unwrap_or((rest, ""));
-    let query = tail.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    let query = tail
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
     format!("{scheme}://{authority}/{name}{query}")
 }
 
 async fn admin() -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(&database_url(), NoTls).await.expect("PostgreSQL reachable");
+    let (client, conn) = tokio_postgres::connect(&database_url(), NoTls)
+        .await
+        .expect("PostgreSQL reachable");
     tokio::spawn(conn);
     client
 }
@@ -44,31 +49,51 @@ fn template_name() -> String {
     let mut sums = String::new();
     for (v, _, sql) in outboxd::migrate::MIGRATIONS {
         sums.push_str(&format!("{v}:{}", sql.len()));
-        sums.push_str(&outboxd::idempotency::content_hash(&Value::String(sql.to_string())));
+        sums.push_str(&outboxd::idempotency::content_hash(&Value::String(
+            sql.to_string(),
+        )));
     }
-    format!("outboxd_tpl_{}", &outboxd::idempotency::content_hash(&Value::String(sums))[..12])
+    format!(
+        "outboxd_tpl_{}",
+        &outboxd::idempotency::content_hash(&Value::String(sums))[..12]
+    )
 }
 
 /// Creates the migrated template once per schema, under an advisory lock.
 async fn ensure_template(admin: &tokio_postgres::Client) -> String {
     let name = template_name();
-    admin.execute("SELECT pg_advisory_lock(7411)", &[]).await.unwrap();
+    admin
+        .execute("SELECT pg_advisory_lock(7411)", &[])
+        .await
+        .unwrap();
     let exists: bool = admin
-        .query_one("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", &[&name])
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+            &[&name],
+        )
         .await
         .unwrap()
         .get(0);
     if !exists {
-        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
-        let (mut client, conn) = tokio_postgres::connect(&with_database(&database_url(), &name), NoTls)
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .unwrap();
+        let (mut client, conn) =
+            tokio_postgres::connect(&with_database(&database_url(), &name), NoTls)
+                .await
+                .unwrap();
         let handle = tokio::spawn(conn);
-        outboxd::migrate::run(&mut client).await.expect("migrations apply to the template");
+        outboxd::migrate::run(&mut client)
+            .await
+            .expect("migrations apply to the template");
         drop(client);
         let _ = handle.await;
     }
-    admin.execute("SELECT pg_advisory_unlock(7411)", &[]).await.unwrap();
+    admin
+        .execute("SELECT pg_advisory_unlock(7411)", &[])
+        .await
+        .unwrap();
     name
 }
 
@@ -87,7 +112,10 @@ impl TestEnv {
         let name = format!("t_{}_{:08x}", std::process::id(), fastrand::u32(..));
         let mut tries = 0;
         // Concurrent clones may briefly see the template busy.
-        while let Err(e) = admin.batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}")).await {
+        while let Err(e) = admin
+            .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
+            .await
+        {
             tries += 1;
             assert!(tries < 50, "cannot clone the template: {e}");
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -107,6 +135,9 @@ impl TestEnv {
         let mut config = Config::default();
         config.database.url = self.database_url.clone().into();
         config.database.pool_size = 8;
+        // Shared 2-core machines can be slow to hand out many connections at once.
+        config.database.connect_timeout_ms = 10_000;
+        config.database.pool_wait_ms = 10_000;
         config.mongodb.url = self.mongodb_url.clone().into();
         config.relay.poll_interval_ms = 200;
         config.relay.backoff_base_ms = 100;
@@ -116,7 +147,9 @@ impl TestEnv {
     }
 
     pub async fn pg(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.database_url, NoTls).await.unwrap();
+        let (client, conn) = tokio_postgres::connect(&self.database_url, NoTls)
+            .await
+            .unwrap();
         tokio::spawn(conn);
         client
     }
@@ -152,14 +185,22 @@ impl TestEnv {
 impl Drop for TestEnv {
     fn drop(&mut self) {
         let name = self.name.clone();
-        let mongo = self.mongo.clone();
-        // Drop runs outside async; clean up on a runtime of our own.
+        let mongodb_url = self.mongodb_url.clone();
+        // Drop runs outside async; clean up on a runtime (and clients) of our own,
+        // since the test's runtime is blocked here.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
                 let admin = admin().await;
-                let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
-                let _ = mongo.drop().await;
+                let _ = admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+                if let Ok(client) = mongodb::Client::with_uri_str(&mongodb_url).await {
+                    let _ = client.database(&name).drop().await;
+                }
             });
         })
         .join();
@@ -175,13 +216,20 @@ pub struct Ingest {
 
 impl Ingest {
     pub async fn start(config: &Config) -> Ingest {
+        if std::env::var_os("TEST_LOG").is_some() {
+            outboxd::telemetry::init_logs(&config.log);
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let pool = outboxd::db::pool(&config.database).unwrap();
         let app = ingest::App::new(config, pool, SECRET.to_string().into(), shutdown.clone());
         let handle = tokio::spawn(ingest::serve(listener, app, shutdown.clone()));
-        Ingest { addr, shutdown, handle }
+        Ingest {
+            addr,
+            shutdown,
+            handle,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -253,7 +301,11 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(args: &[&str], env: &[(String, String)], log_name: &str) -> Proc {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        let log = dir.join(format!("{log_name}-{}-{:08x}.log", std::process::id(), fastrand::u32(..)));
+        let log = dir.join(format!(
+            "{log_name}-{}-{:08x}.log",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_outboxd"))
             .args(args)
@@ -271,7 +323,10 @@ impl Proc {
     }
 
     pub fn signal(&self, signal: &str) {
-        let ok = Command::new("kill").args([&format!("-{signal}"), &self.pid().to_string()]).status().unwrap();
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
 
@@ -315,7 +370,11 @@ pub fn ferretdb_bin() -> PathBuf {
 impl Ferret {
     pub async fn start() -> Ferret {
         let port = free_port();
-        let mut ferret = Ferret { port, dir: tempfile::tempdir().unwrap(), child: None };
+        let mut ferret = Ferret {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
         ferret.resume().await;
         ferret
     }
@@ -344,7 +403,9 @@ impl Ferret {
         self.child = Some(child);
         let port = self.port;
         let up = eventually(Duration::from_secs(20), || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
         })
         .await;
         assert!(up, "FerretDB did not start");
@@ -365,7 +426,11 @@ impl Drop for Ferret {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A TCP proxy on loopback that can cut every connection and refuse new ones,
@@ -384,14 +449,18 @@ impl Proxy {
         let state = up.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
                 if !*state.borrow() {
                     drop(inbound);
                     continue;
                 }
                 let mut down = state.subscribe();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                         _ = down.wait_for(|up| !*up) => {}
@@ -403,7 +472,7 @@ impl Proxy {
     }
 
     pub fn set_up(&self, up: bool) {
-        let _ = self.up.send(up);
+        self.up.send_replace(up);
     }
 }
 
@@ -411,15 +480,87 @@ pub fn pg_addr() -> SocketAddr {
     let url = database_url();
     let authority = url.split("://").nth(1).unwrap().split('/').next().unwrap();
     let host_port = authority.rsplit('@').next().unwrap();
-    let host_port = if host_port.contains(':') { host_port.to_string() } else { format!("{host_port}:5432") };
+    let host_port = if host_port.contains(':') {
+        host_port.to_string()
+    } else {
+        format!("{host_port}:5432")
+    };
     let host_port = host_port.replace("localhost", "127.0.0.1");
-    host_port.parse().expect("DATABASE_URL host is an IP address or localhost")
+    host_port
+        .parse()
+        .expect("DATABASE_URL host is an IP address or localhost")
 }
 
 /// A URL like `url` but through `port` on loopback.
 pub fn via_port(url: &str, port: u16) -> String {
     let (scheme, rest) = url.split_once("://").unwrap();
     let (authority, tail) = rest.split_once('/').unwrap_or((rest, ""));
-    let creds = authority.rsplit_once('@').map(|(c, _)| format!("{c}@")).unwrap_or_default();
+    let creds = authority
+        .rsplit_once('@')
+        .map(|(c, _)| format!("{c}@"))
+        .unwrap_or_default();
     format!("{scheme}://{creds}127.0.0.1:{port}/{tail}")
+}
+
+impl TestEnv {
+    /// Inserts `n` e-mails with one pending outbox row each, spread over `aggregates`
+    /// aggregates (`C-{i}/K`), amount `{ticket}.00`. Returns the new outbox ids.
+    pub async fn seed(&self, n: i64, aggregates: i64) -> Vec<i64> {
+        let pg = self.pg().await;
+        let tag = format!("{:08x}", fastrand::u32(..));
+        let rows = pg
+            .query(
+                "WITH e AS (
+                     INSERT INTO incoming_emails (webhook_id, ticket_id, from_address, subject, body)
+                     SELECT 'seed-' || $3 || '-' || g, g, 'a@b.example', 's', 'b' FROM generate_series(1, $1::bigint) g
+                     RETURNING id, ticket_id)
+                 INSERT INTO outbox_messages (operation, aggregate_id, payload, email_id, idempotency_key)
+                 SELECT 'update_creditor_debt', 'C-' || (ticket_id % $2::bigint) || '/K',
+                        jsonb_build_object('client_reference', 'C-' || (ticket_id % $2), 'creditor_name', 'Bank',
+                                           'creditor_reference', 'K', 'amount', ticket_id || '.00', 'currency', 'EUR'),
+                        id, 'seed:' || $3 || ':' || id
+                 FROM e ORDER BY id
+                 RETURNING id",
+                &[&n, &aggregates, &tag],
+            )
+            .await
+            .unwrap();
+        let mut ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        ids.sort();
+        ids
+    }
+
+    /// Rows not yet synced.
+    pub async fn unsynced(&self) -> i64 {
+        self.count("SELECT count(*) FROM outbox_messages WHERE status <> 'synced'")
+            .await
+    }
+
+    /// Aggregates whose document is missing or does not hold the latest message.
+    pub async fn behind(&self) -> Vec<(String, i64, Option<i64>)> {
+        let pg = self.pg().await;
+        let latest = pg
+            .query(
+                "SELECT aggregate_id, max(id) FROM outbox_messages GROUP BY 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        let mut bad = Vec::new();
+        for row in latest {
+            let (agg, id): (String, i64) = (row.get(0), row.get(1));
+            let held = self
+                .doc(&agg)
+                .await
+                .and_then(|d| d.get_i64("outbox_id").ok());
+            if held != Some(id) {
+                bad.push((agg, id, held));
+            }
+        }
+        bad
+    }
+
+    pub async fn wait_synced(&self, timeout: Duration) -> bool {
+        eventually(timeout, || async { self.unsynced().await == 0 }).await
+    }
 }

@@ -1,0 +1,231 @@
+//! Migrations, `check` and configuration errors, through the real binary.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn outboxd(args: &[&str], env: &[(String, String)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap()
+}
+
+/// An empty database (not from the template), dropped at the end.
+struct EmptyDb {
+    name: String,
+    url: String,
+}
+
+impl EmptyDb {
+    async fn new() -> EmptyDb {
+        let name = format!("m_{}_{:08x}", std::process::id(), fastrand::u32(..));
+        let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        EmptyDb {
+            url: with_database(&database_url(), &name),
+            name,
+        }
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("DATABASE_URL".into(), self.url.clone()),
+            ("MONGODB_URL".into(), mongodb_url()),
+        ]
+    }
+}
+
+impl Drop for EmptyDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = Command::new("psql")
+            .arg(database_url())
+            .args([
+                "-qc",
+                &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            ])
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn migrate_twice_is_a_no_op_and_concurrent_migrates_are_safe() {
+    let db = EmptyDb::new().await;
+    let env = db.env();
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| outboxd(&["migrate"], &env));
+        let b = s.spawn(|| outboxd(&["migrate"], &env));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+    let outputs = format!(
+        "{}{}",
+        String::from_utf8_lossy(&a.stdout),
+        String::from_utf8_lossy(&b.stdout)
+    );
+    assert_eq!(outputs.matches("applied 0001").count(), 1, "{outputs}");
+
+    let again = outboxd(&["migrate"], &env);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("up to date"));
+
+    let (client, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let versions: i64 = client
+        .query_one("SELECT count(*) FROM schema_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(versions as usize, outboxd::migrate::MIGRATIONS.len());
+
+    // A file changed after it was applied is refused, naming it.
+    client
+        .execute(
+            "UPDATE schema_migrations SET checksum = 'edited' || checksum WHERE version = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let refused = outboxd(&["migrate"], &env);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("0001_outbox.sql was changed after it was applied"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn check_is_ok_with_both_up_and_fails_fast_naming_mongodb() {
+    let env = TestEnv::new().await;
+    let vars = env.child_env();
+    let ok = outboxd(&["check"], &vars);
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{out}");
+    assert!(
+        out.contains("postgresql  ok") && out.contains("schema version"),
+        "{out}"
+    );
+    assert!(
+        out.contains("mongodb     ok") && out.contains("server "),
+        "{out}"
+    );
+
+    let mut closed = vars.clone();
+    closed.retain(|(k, _)| k != "MONGODB_URL");
+    closed.push((
+        "MONGODB_URL".into(),
+        format!("mongodb://127.0.0.1:{}/x", free_port()),
+    ));
+    let started = Instant::now();
+    let failed = outboxd(&["check"], &closed);
+    let elapsed = started.elapsed();
+    let out = String::from_utf8_lossy(&failed.stdout);
+    assert!(!failed.status.success());
+    assert!(out.contains("mongodb     FAIL"), "{out}");
+    assert!(out.contains("postgresql  ok"), "{out}");
+    assert!(elapsed < Duration::from_secs(6), "took {elapsed:?}");
+
+    let mut no_pg = vars.clone();
+    no_pg.retain(|(k, _)| k != "DATABASE_URL");
+    no_pg.push((
+        "DATABASE_URL".into(),
+        format!("postgres://outboxd:x@127.0.0.1:{}/x", free_port()),
+    ));
+    let failed = outboxd(&["check"], &no_pg);
+    let out = String::from_utf8_lossy(&failed.stdout);
+    assert!(!failed.status.success());
+    assert!(
+        out.contains("postgresql  FAIL") && out.contains("refused"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_bad_config_stops_start_up_naming_the_key() {
+    let env = vec![("OUTBOXD__RELAY__LEASE_S".to_string(), "thirty".to_string())];
+    let out = outboxd(&["check"], &env);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .to_lowercase()
+            .contains("lease_s")
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[relay]\nbatch_sise = 5\n").unwrap();
+    let out = outboxd(&["--config", file.to_str().unwrap(), "check"], &[]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("batch_sise"));
+
+    std::fs::write(&file, "[relay]\nbatch_size = 0\n").unwrap();
+    let out = outboxd(&["--config", file.to_str().unwrap(), "check"], &[]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("relay.batch_size"));
+
+    // The shipped file loads, and holds exactly the defaults.
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/outboxd.toml");
+    let config = outboxd::config::Config::load(Some(std::path::Path::new(shipped))).unwrap();
+    let defaults = outboxd::config::Config::default();
+    assert_eq!(
+        format!("{:?}", config.relay),
+        format!("{:?}", defaults.relay)
+    );
+    assert_eq!(
+        format!("{:?}", config.ingest),
+        format!("{:?}", defaults.ingest)
+    );
+}
+
+#[test]
+fn ingest_refuses_to_start_without_a_secret() {
+    let out = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["ingest", "--listen", "127.0.0.1:0"])
+        .env_remove("OUTBOXD_WEBHOOK_SECRET")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no webhook secret"));
+}
+
+#[test]
+fn secrets_never_appear_in_errors() {
+    let out = outboxd(
+        &["check"],
+        &[
+            (
+                "DATABASE_URL".into(),
+                format!(
+                    "postgres://outboxd:hunter2secret@127.0.0.1:{}/x",
+                    free_port()
+                ),
+            ),
+            (
+                "MONGODB_URL".into(),
+                format!("mongodb://u:hunter2secret@127.0.0.1:{}/x", free_port()),
+            ),
+        ],
+    );
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!all.contains("hunter2secret"), "{all}");
+}

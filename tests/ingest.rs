@@ -1,0 +1,603 @@
+//! `POST /webhooks/email` against a real PostgreSQL: answers, rows, and what is never written.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use outboxd::ingest::webhook;
+use serde_json::{Value, json};
+
+async fn rows(env: &TestEnv) -> (i64, i64, i64) {
+    (
+        env.count("SELECT count(*) FROM incoming_emails").await,
+        env.count("SELECT count(*) FROM outbox_messages").await,
+        env.count("SELECT count(*) FROM idempotency_keys").await,
+    )
+}
+
+#[tokio::test]
+async fn accepts_a_signed_webhook_and_writes_three_rows() {
+    let env = TestEnv::new().await;
+    let ingest = Ingest::start(&env.config()).await;
+    let http = reqwest::Client::new();
+
+    let (status, body) = post_signed(&http, &ingest.url(), SAMPLE).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["status"], "pending");
+    assert_eq!(
+        body["idempotency_key"],
+        "update_creditor_debt:MP-2026-0042/K-99812:92bb92c4cd9d0363"
+    );
+    let pg = env.pg().await;
+    let row = pg
+        .query_one(
+            "SELECT o.id, o.operation, o.aggregate_id, o.payload, o.status, e.id, e.sync_status, e.webhook_id,
+                    e.body, o.idempotency_key, (SELECT count(*) FROM idempotency_keys k WHERE k.key = o.idempotency_key)
+             FROM outbox_messages o JOIN incoming_emails e ON e.id = o.email_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), body["outbox_id"].as_i64().unwrap());
+    assert_eq!(row.get::<_, i64>(5), body["email_id"].as_i64().unwrap());
+    assert_eq!(row.get::<_, String>(1), "update_creditor_debt");
+    assert_eq!(row.get::<_, String>(2), "MP-2026-0042/K-99812");
+    let payload: Value = row.get(3);
+    assert_eq!(
+        payload["creditor_name"], "Sparkasse KölnBonn",
+        "umlauts arrive intact"
+    );
+    assert_eq!(payload["amount"], "1234.56");
+    assert_eq!(row.get::<_, String>(4), "pending");
+    assert_eq!(row.get::<_, String>(6), "pending");
+    assert_eq!(row.get::<_, String>(7), "evt-2f9c1d");
+    assert!(row.get::<_, String>(8).contains("beträgt 1.234,56 €"));
+    assert_eq!(row.get::<_, i64>(10), 1);
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn refuses_bad_signatures_with_401_and_writes_nothing() {
+    let env = TestEnv::new().await;
+    let ingest = Ingest::start(&env.config()).await;
+    let http = reqwest::Client::new();
+    let ts = now_stamp();
+    let good = webhook::sign(SECRET.as_bytes(), &ts, SAMPLE.as_bytes());
+    let wrong_secret = webhook::sign(b"another-secret", &ts, SAMPLE.as_bytes());
+    let stale_ts = (chrono::Utc::now() - chrono::Duration::minutes(6))
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let stale = webhook::sign(SECRET.as_bytes(), &stale_ts, SAMPLE.as_bytes());
+    let future_ts = (chrono::Utc::now() + chrono::Duration::minutes(6))
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let future = webhook::sign(SECRET.as_bytes(), &future_ts, SAMPLE.as_bytes());
+    let cases: Vec<(&str, Option<String>, Option<String>)> = vec![
+        ("missing both", None, None),
+        ("missing signature", None, Some(ts.clone())),
+        ("missing timestamp", Some(good.clone()), None),
+        (
+            "garbage signature",
+            Some("not base64!".into()),
+            Some(ts.clone()),
+        ),
+        (
+            "signature of another body",
+            Some(webhook::sign(SECRET.as_bytes(), &ts, b"{}")),
+            Some(ts.clone()),
+        ),
+        (
+            "truncated signature",
+            Some(good[..good.len() - 4].to_string()),
+            Some(ts.clone()),
+        ),
+        ("wrong secret", Some(wrong_secret), Some(ts.clone())),
+        ("stale timestamp", Some(stale), Some(stale_ts)),
+        ("future timestamp", Some(future), Some(future_ts)),
+        (
+            "timestamp not the signed one",
+            Some(good.clone()),
+            Some("2026-01-01T00:00:00Z".into()),
+        ),
+        (
+            "malformed timestamp",
+            Some(good.clone()),
+            Some("yesterday".into()),
+        ),
+    ];
+    for (name, sig, ts) in cases {
+        let mut req = http
+            .post(ingest.url())
+            .header("content-type", "application/json")
+            .body(SAMPLE);
+        if let Some(sig) = sig {
+            req = req.header(webhook::SIGNATURE_HEADER, sig);
+        }
+        if let Some(ts) = ts {
+            req = req.header(webhook::TIMESTAMP_HEADER, ts);
+        }
+        let response = req.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 401, "{name}");
+        let body: Value = response.json().await.unwrap();
+        assert!(body["error"].is_string(), "{name}: JSON error body");
+    }
+    assert_eq!(rows(&env).await, (0, 0, 0));
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn names_the_field_of_every_invalid_body_and_writes_nothing() {
+    let env = TestEnv::new().await;
+    let ingest = Ingest::start(&env.config()).await;
+    let http = reqwest::Client::new();
+    let sample: Value = serde_json::from_str(SAMPLE).unwrap();
+    let with = |path: &[&str], value: Option<Value>| {
+        let mut v = sample.clone();
+        let mut target = &mut v;
+        for key in &path[..path.len() - 1] {
+            target = target.get_mut(*key).unwrap();
+        }
+        let last = path[path.len() - 1];
+        match value {
+            Some(value) => target[last] = value,
+            None => {
+                target.as_object_mut().unwrap().remove(last);
+            }
+        }
+        v.to_string()
+    };
+    let cases: Vec<(String, Option<&str>)> = vec![
+        ("{".into(), None),
+        ("[]".into(), None),
+        ("\"text\"".into(), None),
+        ("".into(), None),
+        (with(&["webhook_id"], None), Some("webhook_id")),
+        (with(&["webhook_id"], Some(json!(""))), Some("webhook_id")),
+        (with(&["webhook_id"], Some(json!(42))), Some("webhook_id")),
+        (with(&["ticket_id"], None), Some("ticket_id")),
+        (
+            with(&["ticket_id"], Some(json!("81234"))),
+            Some("ticket_id"),
+        ),
+        (with(&["ticket_id"], Some(json!(-1))), Some("ticket_id")),
+        (with(&["ticket_id"], Some(json!(1.5))), Some("ticket_id")),
+        (with(&["email"], None), Some("email")),
+        (with(&["email"], Some(json!("x"))), Some("email")),
+        (with(&["email", "from"], None), Some("email.from")),
+        (
+            with(&["email", "from"], Some(json!("no-at-sign"))),
+            Some("email.from"),
+        ),
+        (with(&["email", "subject"], None), Some("email.subject")),
+        (with(&["email", "body"], None), Some("email.body")),
+        (
+            with(&["email", "body"], Some(json!("nul \u{0} inside"))),
+            Some("email.body"),
+        ),
+        (
+            with(&["email", "received_at"], Some(json!("yesterday"))),
+            Some("email.received_at"),
+        ),
+        (with(&["creditor_debt"], None), Some("creditor_debt")),
+        (
+            with(&["creditor_debt", "client_reference"], None),
+            Some("creditor_debt.client_reference"),
+        ),
+        (
+            with(&["creditor_debt", "client_reference"], Some(json!("   "))),
+            Some("creditor_debt.client_reference"),
+        ),
+        (
+            with(&["creditor_debt", "creditor_name"], None),
+            Some("creditor_debt.creditor_name"),
+        ),
+        (
+            with(&["creditor_debt", "creditor_reference"], Some(json!(7))),
+            Some("creditor_debt.creditor_reference"),
+        ),
+        (
+            with(&["creditor_debt", "amount"], None),
+            Some("creditor_debt.amount"),
+        ),
+        (
+            with(&["creditor_debt", "amount"], Some(json!(1234.56))),
+            Some("creditor_debt.amount"),
+        ),
+        (
+            with(&["creditor_debt", "amount"], Some(json!("-1.00"))),
+            Some("creditor_debt.amount"),
+        ),
+        (
+            with(&["creditor_debt", "amount"], Some(json!("1.234"))),
+            Some("creditor_debt.amount"),
+        ),
+        (
+            with(&["creditor_debt", "amount"], Some(json!("1e3"))),
+            Some("creditor_debt.amount"),
+        ),
+        (
+            with(&["creditor_debt", "amount"], Some(json!("12,50"))),
+            Some("creditor_debt.amount"),
+        ),
+        (
+            with(&["creditor_debt", "currency"], None),
+            Some("creditor_debt.currency"),
+        ),
+        (
+            with(&["creditor_debt", "currency"], Some(json!("euro"))),
+            Some("creditor_debt.currency"),
+        ),
+    ];
+    for (body, field) in cases {
+        let (status, answer) = post_signed(&http, &ingest.url(), &body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(
+            answer["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{answer}"
+        );
+        assert_eq!(answer["field"].as_str(), field, "{body}: {answer}");
+    }
+    assert_eq!(rows(&env).await, (0, 0, 0));
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn refuses_large_bodies_and_other_content_types() {
+    let env = TestEnv::new().await;
+    let ingest = Ingest::start(&env.config()).await;
+    let http = reqwest::Client::new();
+
+    let mut huge: Value = serde_json::from_str(SAMPLE).unwrap();
+    huge["email"]["body"] = Value::String("x".repeat(1024 * 1024 + 1));
+    let (status, answer) = post_signed(&http, &ingest.url(), &huge.to_string()).await;
+    assert_eq!(status, 413, "{answer}");
+
+    // Without Content-Length (chunked), the limit still holds while reading.
+    let ts = now_stamp();
+    let body = huge.to_string();
+    let sig = webhook::sign(SECRET.as_bytes(), &ts, body.as_bytes());
+    let stream = futures_util::stream::iter(
+        body.into_bytes()
+            .chunks(64 * 1024)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+            .collect::<Vec<_>>(),
+    );
+    let response = http
+        .post(ingest.url())
+        .header("content-type", "application/json")
+        .header(webhook::SIGNATURE_HEADER, sig)
+        .header(webhook::TIMESTAMP_HEADER, ts)
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 413);
+
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        Some("application/jsonp"),
+    ] {
+        let ts = now_stamp();
+        let sig = webhook::sign(SECRET.as_bytes(), &ts, SAMPLE.as_bytes());
+        let mut req = http
+            .post(ingest.url())
+            .header(webhook::SIGNATURE_HEADER, sig)
+            .header(webhook::TIMESTAMP_HEADER, ts)
+            .body(SAMPLE);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let response = req.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 415, "{content_type:?}");
+    }
+    // A charset parameter is fine.
+    let ts = now_stamp();
+    let sig = webhook::sign(SECRET.as_bytes(), &ts, SAMPLE.as_bytes());
+    let response = http
+        .post(ingest.url())
+        .header("content-type", "application/json; charset=utf-8")
+        .header(webhook::SIGNATURE_HEADER, sig)
+        .header(webhook::TIMESTAMP_HEADER, ts)
+        .body(SAMPLE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    assert_eq!(rows(&env).await, (1, 1, 1));
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn a_redelivery_answers_200_with_the_first_answer() {
+    let env = TestEnv::new().await;
+    let ingest = Ingest::start(&env.config()).await;
+    let http = reqwest::Client::new();
+    let (status, first) = post_signed(&http, &ingest.url(), SAMPLE).await;
+    assert_eq!(status, 202);
+    let (status, again) = post_signed(&http, &ingest.url(), SAMPLE).await;
+    assert_eq!(status, 200);
+    assert_eq!(again["duplicate"], true);
+    for key in ["email_id", "outbox_id", "idempotency_key", "status"] {
+        assert_eq!(again[key], first[key], "{key}");
+    }
+
+    // Same content under a new webhook id: a duplicate by key.
+    let mut other: Value = serde_json::from_str(SAMPLE).unwrap();
+    other["webhook_id"] = json!("evt-other");
+    let (status, by_key) = post_signed(&http, &ingest.url(), &other.to_string()).await;
+    assert_eq!(status, 200);
+    assert_eq!(by_key["outbox_id"], first["outbox_id"]);
+
+    // Same webhook id with other content: a duplicate by webhook id.
+    let mut changed: Value = serde_json::from_str(SAMPLE).unwrap();
+    changed["creditor_debt"]["amount"] = json!("1.00");
+    let (status, by_webhook) = post_signed(&http, &ingest.url(), &changed.to_string()).await;
+    assert_eq!(status, 200, "{by_webhook}");
+    assert_eq!(by_webhook["outbox_id"], first["outbox_id"]);
+    assert_eq!(by_webhook["duplicate"], true);
+
+    assert_eq!(rows(&env).await, (1, 1, 1));
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn key_is_stable_when_json_keys_are_reordered() {
+    let env = TestEnv::new().await;
+    let ingest = Ingest::start(&env.config()).await;
+    let http = reqwest::Client::new();
+    let reordered = r#"{"creditor_debt":{"currency":"EUR","amount":"1234.56","creditor_reference":"K-99812",
+        "creditor_name":"Sparkasse KölnBonn","client_reference":"MP-2026-0042"},"ticket_id":81234,
+        "email":{"received_at":"2026-11-28T09:15:00Z","body":"b","subject":"s","from":"a@b.example"},
+        "webhook_id":"evt-reordered"}"#;
+    let (status, answer) = post_signed(&http, &ingest.url(), reordered).await;
+    assert_eq!(status, 202);
+    assert_eq!(
+        answer["idempotency_key"],
+        "update_creditor_debt:MP-2026-0042/K-99812:92bb92c4cd9d0363"
+    );
+    ingest.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forty_concurrent_identical_deliveries_write_once() {
+    let env = TestEnv::new().await;
+    let mut config = env.config();
+    config.database.pool_size = 40;
+    let ingest = Ingest::start(&config).await;
+    let http = reqwest::Client::new();
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(40));
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let (http, url, barrier) = (http.clone(), ingest.url(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            post_signed(&http, &url, SAMPLE).await
+        }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    let statuses: Vec<u16> = answers.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        answers.iter().filter(|(s, _)| *s == 202).count(),
+        1,
+        "{statuses:?} {:?}",
+        answers.iter().find(|(s, _)| *s >= 300)
+    );
+    assert_eq!(answers.iter().filter(|(s, _)| *s == 200).count(), 39);
+    let outbox_id = &answers[0].1["outbox_id"];
+    assert!(answers.iter().all(|(_, a)| &a["outbox_id"] == outbox_id));
+    assert_eq!(rows(&env).await, (1, 1, 1));
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn postgres_down_gives_503_then_recovers_without_restart() {
+    let env = TestEnv::new().await;
+    let proxy = Proxy::start(pg_addr()).await;
+    let mut config = env.config();
+    config.database.url = via_port(&env.database_url, proxy.port).into();
+    config.database.connect_timeout_ms = 2000;
+    config.database.pool_wait_ms = 1000;
+    let ingest = Ingest::start(&config).await;
+    let http = reqwest::Client::new();
+    let (status, _) = post_signed(&http, &ingest.url(), &event(1, "C-1", "K-1", "1.00")).await;
+    assert_eq!(status, 202);
+
+    proxy.set_up(false);
+    let response = http
+        .get(format!("http://{}/readyz", ingest.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    let down_body = event(2, "C-2", "K-2", "2.00");
+    for _ in 0..3 {
+        let ts = now_stamp();
+        let sig = webhook::sign(SECRET.as_bytes(), &ts, down_body.as_bytes());
+        let response = http
+            .post(ingest.url())
+            .header("content-type", "application/json")
+            .header(webhook::SIGNATURE_HEADER, sig)
+            .header(webhook::TIMESTAMP_HEADER, ts)
+            .body(down_body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 503);
+        assert!(response.headers().contains_key("retry-after"));
+    }
+    assert_eq!(
+        rows(&env).await,
+        (1, 1, 1),
+        "nothing half-written while down"
+    );
+
+    proxy.set_up(true);
+    let url = ingest.url();
+    let recovered = eventually(Duration::from_secs(10), || {
+        let (http, url, body) = (http.clone(), url.clone(), down_body.clone());
+        async move {
+            let (status, answer) = post_signed(&http, &url, &body).await;
+            eprintln!("after recovery: {status} {answer}");
+            status == 202
+        }
+    })
+    .await;
+    assert!(recovered, "ingest serves again once PostgreSQL is back");
+    let response = http
+        .get(format!("http://{}/readyz", ingest.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(rows(&env).await, (2, 2, 2));
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn probes_and_metrics_answer() {
+    let env = TestEnv::new().await;
+    let ingest = Ingest::start(&env.config()).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", ingest.addr);
+    post_signed(&http, &ingest.url(), SAMPLE).await;
+    post_signed(&http, &ingest.url(), SAMPLE).await;
+    http.post(ingest.url())
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        http.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        http.get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        http.get(format!("{base}/nope"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        404
+    );
+    assert_eq!(
+        http.get(ingest.url())
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        405
+    );
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "outboxd_http_requests_total",
+        "outboxd_http_request_duration_seconds_bucket",
+        "outboxd_ingest_duplicates_total",
+        "outboxd_ingest_signature_failures_total",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing from /metrics");
+    }
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn sigterm_with_requests_in_flight_loses_none() {
+    let env = TestEnv::new().await;
+    let port = free_port();
+    let mut ingest = Proc::spawn(
+        &["ingest", "--listen", &format!("127.0.0.1:{port}")],
+        &env.child_env(),
+        "ingest",
+    );
+    let url = format!("http://127.0.0.1:{port}/webhooks/email");
+    let http = reqwest::Client::new();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let http = http.clone();
+            async move {
+                http.get(format!("http://127.0.0.1:{port}/healthz"))
+                    .send()
+                    .await
+                    .is_ok()
+            }
+        })
+        .await
+    );
+    let mut tasks = Vec::new();
+    for n in 0..200u64 {
+        let (http, url) = (http.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(n * 2)).await;
+            let body = event(n, &format!("C-{n}"), "K", "1.00");
+            let ts = now_stamp();
+            let sig = webhook::sign(SECRET.as_bytes(), &ts, body.as_bytes());
+            let response = http
+                .post(&url)
+                .header("content-type", "application/json")
+                .header(webhook::SIGNATURE_HEADER, sig)
+                .header(webhook::TIMESTAMP_HEADER, ts)
+                .body(body)
+                .send()
+                .await;
+            match response {
+                Ok(r) => Some((r.status().as_u16(), r.json::<Value>().await.ok())),
+                Err(_) => None, // refused after shutdown began: never accepted
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    ingest.signal("TERM");
+    let mut accepted = Vec::new();
+    for t in tasks {
+        if let Some((202, Some(body))) = t.await.unwrap() {
+            accepted.push(body["email_id"].as_i64().unwrap());
+        }
+    }
+    let status = ingest
+        .wait_timeout(Duration::from_secs(15))
+        .expect("ingest exits after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(!accepted.is_empty());
+    let pg = env.pg().await;
+    let stored: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM incoming_emails WHERE id = ANY($1)",
+            &[&accepted],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored as usize, accepted.len(), "every 202 was committed");
+    assert!(
+        !ingest.log_text().contains(SECRET),
+        "the secret never reaches the log"
+    );
+}

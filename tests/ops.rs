@@ -1,0 +1,246 @@
+//! Operator commands and least-privilege roles, against real servers.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use mongodb::bson::doc;
+use serde_json::Value;
+
+fn outboxd(args: &[&str], env: &TestEnv) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(args)
+        .envs(env.child_env())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn relay(env: &TestEnv, id: &str) -> Proc {
+    Proc::spawn(&["relay", "--id", id], &env.child_env(), id)
+}
+
+#[tokio::test]
+async fn status_matches_the_database() {
+    let env = TestEnv::new().await;
+    env.seed(10, 10).await;
+    let pg = env.pg().await;
+    pg.batch_execute(
+        "UPDATE outbox_messages SET status = 'synced', synced_at = created_at + interval '3 ms' WHERE id IN (1, 2, 3);
+         UPDATE outbox_messages SET status = 'failed', attempts = 10, last_error = 'boom' WHERE id IN (4, 5);
+         UPDATE outbox_messages SET status = 'failed', attempts = 1, last_error = 'rejected' WHERE id = 6;
+         UPDATE outbox_messages SET status = 'processing', locked_by = 'r1', locked_until = now() + interval '1 minute' WHERE id = 7;",
+    )
+    .await
+    .unwrap();
+    let (code, out) = outboxd(&["status", "--json"], &env);
+    assert_eq!(code, 2, "failed rows exit 2: {out}");
+    let s: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(s["counts"]["pending"], 3);
+    assert_eq!(s["counts"]["processing"], 1);
+    assert_eq!(s["counts"]["synced"], 3);
+    assert_eq!(s["counts"]["failed"], 3);
+    assert_eq!(s["lag_last_minute_ms"]["synced"], 3);
+    assert!((s["lag_last_minute_ms"]["p50"].as_f64().unwrap() - 3.0).abs() < 0.01);
+    assert_eq!(s["failed"][0]["last_error"], "boom");
+    assert_eq!(s["failed"][0]["rows"], 2);
+    assert_eq!(s["inflight"][0]["relay_id"], "r1");
+    assert_eq!(s["inflight"][0]["rows"], 1);
+    assert!(s["oldest_pending_age_s"].as_f64().unwrap() >= 0.0);
+
+    let (code, table) = outboxd(&["status"], &env);
+    assert_eq!(code, 2);
+    assert!(
+        table.contains("failed") && table.contains("boom") && table.contains("r1"),
+        "{table}"
+    );
+
+    pg.batch_execute(
+        "UPDATE outbox_messages SET status = 'pending', last_error = NULL WHERE status = 'failed'",
+    )
+    .await
+    .unwrap();
+    assert_eq!(outboxd(&["status"], &env).0, 0);
+}
+
+#[tokio::test]
+async fn retry_requeues_failed_rows_and_the_relay_syncs_them() {
+    let env = TestEnv::new().await;
+    env.seed(6, 6).await;
+    let pg = env.pg().await;
+    pg.batch_execute(
+        "UPDATE outbox_messages SET status = 'failed', attempts = 10, last_error = 'MongoDB down',
+                updated_at = now() - interval '2 hours' WHERE id IN (1, 2);
+         UPDATE outbox_messages SET status = 'failed', attempts = 10, last_error = 'MongoDB down' WHERE id IN (3, 4, 5, 6);
+         UPDATE incoming_emails SET sync_status = 'failed';",
+    )
+    .await
+    .unwrap();
+    let (code, out) = outboxd(&["retry", "--id", "1"], &env);
+    assert_eq!((code, out.trim()), (0, "requeued 1 failed row"));
+    let since = (chrono::Utc::now() - chrono::Duration::minutes(30)).to_rfc3339();
+    let (_, out) = outboxd(&["retry", "--failed-since", &since], &env);
+    assert_eq!(out.trim(), "requeued 4 failed rows");
+    let (_, out) = outboxd(&["retry", "--all-failed"], &env);
+    assert_eq!(out.trim(), "requeued 1 failed row");
+    let (_, out) = outboxd(&["retry", "--all-failed"], &env);
+    assert_eq!(
+        out.trim(),
+        "requeued 0 failed rows",
+        "running it twice does no harm"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox_messages WHERE attempts <> 0")
+            .await,
+        0
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM incoming_emails WHERE sync_status = 'pending'")
+            .await,
+        6
+    );
+
+    let _r = relay(&env, "retry");
+    assert!(env.wait_synced(Duration::from_secs(20)).await);
+    assert_eq!(
+        env.count("SELECT count(*) FROM incoming_emails WHERE sync_status = 'synced'")
+            .await,
+        6
+    );
+}
+
+#[tokio::test]
+async fn audit_finds_missing_and_rolled_back_documents_and_repairs_them() {
+    let env = TestEnv::new().await;
+    env.seed(30, 10).await;
+    let mut r = relay(&env, "audit");
+    assert!(env.wait_synced(Duration::from_secs(20)).await);
+    r.signal("TERM");
+    r.wait_timeout(Duration::from_secs(10));
+    let (code, out) = outboxd(&["audit"], &env);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("10 aggregates checked, 0 missing, 0 behind"),
+        "{out}"
+    );
+
+    env.docs().delete_one(doc! {"_id": "C-3/K"}).await.unwrap();
+    env.docs()
+        .update_one(
+            doc! {"_id": "C-4/K"},
+            doc! {"$set": {"outbox_id": 1_i64, "amount": "0.00"}},
+        )
+        .await
+        .unwrap();
+    let (code, out) = outboxd(&["audit"], &env);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("1 missing, 1 behind"), "{out}");
+    assert!(out.contains("C-3/K") && out.contains("C-4/K"), "{out}");
+
+    let (code, out) = outboxd(&["audit", "--repair"], &env);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("requeued 2 rows"), "{out}");
+    assert_eq!(env.unsynced().await, 2);
+    let _r = relay(&env, "audit2");
+    assert!(env.wait_synced(Duration::from_secs(20)).await);
+    assert_eq!(outboxd(&["audit"], &env).0, 0);
+    assert_eq!(env.behind().await, vec![]);
+}
+
+async fn login_role(env: &TestEnv, group: &str) -> (String, String) {
+    let name = format!("t_{group}_{:08x}", fastrand::u32(..)).replace("outboxd_", "");
+    let pg = env.pg().await;
+    pg.batch_execute(&format!(
+        "CREATE ROLE {name} LOGIN PASSWORD 'pw' IN ROLE {group}"
+    ))
+    .await
+    .unwrap();
+    let url = env
+        .database_url
+        .replacen("outboxd:outboxd@", &format!("{name}:pw@"), 1);
+    (name, url)
+}
+
+#[tokio::test]
+async fn roles_allow_each_job_and_nothing_else() {
+    let env = TestEnv::new().await;
+    let pg = env.pg().await;
+    pg.batch_execute(include_str!("../sql/roles.sql"))
+        .await
+        .expect("roles.sql applies");
+    // Running it twice does no harm.
+    pg.batch_execute(include_str!("../sql/roles.sql"))
+        .await
+        .unwrap();
+    let (ingest_role, ingest_url) = login_role(&env, "outboxd_ingest").await;
+    let (relay_role, relay_url) = login_role(&env, "outboxd_relay").await;
+
+    // Ingest works end to end under its role.
+    let mut config = env.config();
+    config.database.url = ingest_url.clone().into();
+    let ingest = Ingest::start(&config).await;
+    let http = reqwest::Client::new();
+    let (status, body) = post_signed(&http, &ingest.url(), SAMPLE).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(post_signed(&http, &ingest.url(), SAMPLE).await.0, 200);
+    ingest.stop().await;
+
+    // The relay works end to end under its role.
+    let mut vars = env.child_env();
+    vars.retain(|(k, _)| k != "DATABASE_URL");
+    vars.push(("DATABASE_URL".into(), relay_url.clone()));
+    let _r = Proc::spawn(&["relay", "--id", "role"], &vars, "role-relay");
+    assert!(env.wait_synced(Duration::from_secs(20)).await);
+
+    let connect = |url: String| async move {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    };
+    let as_ingest = connect(ingest_url).await;
+    let refused = as_ingest
+        .execute("UPDATE outbox_messages SET status = 'failed'", &[])
+        .await;
+    assert!(
+        refused.unwrap_err().to_string().contains("db error"),
+        "ingest may not update the outbox"
+    );
+    let err = as_ingest
+        .execute("DELETE FROM incoming_emails", &[])
+        .await
+        .unwrap_err();
+    assert!(format!("{err:?}").contains("permission denied"));
+
+    let as_relay = connect(relay_url).await;
+    let err = as_relay
+        .execute("DELETE FROM incoming_emails", &[])
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:?}").contains("permission denied"),
+        "relay may not delete e-mails"
+    );
+    let err = as_relay
+        .execute("INSERT INTO idempotency_keys (key, webhook_id, email_id, outbox_id, expires_at) VALUES ('x', 'x', 1, 1, now())", &[])
+        .await
+        .unwrap_err();
+    assert!(format!("{err:?}").contains("permission denied"));
+    drop((as_ingest, as_relay));
+    drop(_r);
+    // Login roles are cluster-wide: remove them (the database goes with the test).
+    let _ = pg
+        .batch_execute(&format!("DROP OWNED BY {ingest_role}, {relay_role}"))
+        .await;
+    let _ = pg
+        .batch_execute(&format!("DROP ROLE IF EXISTS {ingest_role}, {relay_role}"))
+        .await;
+}

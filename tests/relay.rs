@@ -1,0 +1,373 @@
+//! The relay against real PostgreSQL and FerretDB: cause the faults, then count
+//! rows and documents.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use mongodb::bson::doc;
+use outboxd::mongo::{self, Outcome};
+use outboxd::outbox::Claimed;
+
+fn relay(env: &TestEnv, id: &str, extra: &[(&str, &str)]) -> Proc {
+    let mut vars = env.child_env();
+    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Proc::spawn(&["relay", "--id", id], &vars, id)
+}
+
+#[tokio::test]
+async fn end_to_end_the_document_holds_the_latest_amount() {
+    let env = TestEnv::new().await;
+    let ingest = Ingest::start(&env.config()).await;
+    let _relay = relay(&env, "e2e", &[]);
+    let http = reqwest::Client::new();
+    let mut last = serde_json::Value::Null;
+    for (n, amount) in ["10.00", "20.50", "30.99"].iter().enumerate() {
+        let (status, body) = post_signed(
+            &http,
+            &ingest.url(),
+            &event(n as u64, "MP-1", "K-1", amount),
+        )
+        .await;
+        assert_eq!(status, 202);
+        last = body;
+    }
+    assert!(
+        env.wait_synced(Duration::from_secs(20)).await,
+        "all rows synced"
+    );
+    let doc = env.doc("MP-1/K-1").await.expect("document exists");
+    assert_eq!(doc.get_str("amount").unwrap(), "30.99");
+    assert_eq!(doc.get_i64("amount_minor").unwrap(), 3099);
+    assert_eq!(
+        doc.get_i64("outbox_id").unwrap(),
+        last["outbox_id"].as_i64().unwrap()
+    );
+    assert_eq!(
+        doc.get_i64("email_id").unwrap(),
+        last["email_id"].as_i64().unwrap()
+    );
+    assert_eq!(doc.get_str("creditor_name").unwrap(), "Sparkasse KölnBonn");
+    assert_eq!(doc.get_str("currency").unwrap(), "EUR");
+    assert!(doc.get_datetime("synced_at").is_ok());
+    assert_eq!(
+        env.count("SELECT count(*) FROM incoming_emails WHERE sync_status = 'synced'")
+            .await,
+        3
+    );
+    ingest.stop().await;
+}
+
+fn claimed(id: i64, aggregate: &str, amount: &str) -> Claimed {
+    Claimed {
+        id,
+        operation: "update_creditor_debt".into(),
+        aggregate_id: aggregate.into(),
+        payload: serde_json::json!({"client_reference": "C", "creditor_name": "Bank", "creditor_reference": "K",
+                                    "amount": amount, "currency": "EUR"}),
+        email_id: id,
+        idempotency_key: format!("k{id}"),
+        attempts: 0,
+        created_at: chrono::Utc::now(),
+        ticket_id: 1,
+        webhook_id: format!("w{id}"),
+    }
+}
+
+#[tokio::test]
+async fn an_older_message_never_moves_a_document_backwards() {
+    let env = TestEnv::new().await;
+    let sink = mongo::connect(&env.config().mongodb).await.unwrap();
+    let newer = claimed(20, "C/K", "2.00");
+    let older = claimed(10, "C/K", "1.00");
+    let applied = sink.apply(std::slice::from_ref(&newer), 1).await;
+    assert_eq!(applied[&20], Outcome::Applied);
+    let before = env.doc("C/K").await.unwrap();
+
+    // Older after newer: a no-op success (the guarded upsert hits 11000).
+    assert_eq!(
+        sink.apply(std::slice::from_ref(&older), 1).await[&10],
+        Outcome::Applied
+    );
+    // The same message again: also a no-op.
+    assert_eq!(
+        sink.apply(std::slice::from_ref(&newer), 1).await[&20],
+        Outcome::Applied
+    );
+    assert_eq!(env.doc("C/K").await.unwrap(), before, "document unchanged");
+
+    // Both in one batch: coalesced to the newest, both count as applied.
+    let third = claimed(30, "C/K", "3.00");
+    let outcomes = sink.apply(&[older.clone(), third.clone()], 4).await;
+    assert_eq!(outcomes[&10], Outcome::Applied);
+    assert_eq!(outcomes[&30], Outcome::Applied);
+    assert_eq!(
+        env.doc("C/K").await.unwrap().get_i64("outbox_id").unwrap(),
+        30
+    );
+    assert_eq!(env.docs().count_documents(doc! {}).await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_relays_sync_every_row_and_leave_every_document_latest() {
+    let env = TestEnv::new().await;
+    env.seed(10_000, 100).await;
+    let relays: Vec<Proc> = (0..3)
+        .map(|i| relay(&env, &format!("race{i}"), &[]))
+        .collect();
+    assert!(
+        env.wait_synced(Duration::from_secs(180)).await,
+        "10k rows synced"
+    );
+    assert_eq!(
+        env.behind().await,
+        vec![],
+        "every document holds its latest message"
+    );
+    assert_eq!(env.docs().count_documents(doc! {}).await.unwrap(), 100);
+    assert_eq!(
+        env.count("SELECT count(*) FROM incoming_emails WHERE sync_status <> 'synced'")
+            .await,
+        0
+    );
+    let holders = env
+        .count("SELECT count(DISTINCT locked_by) FROM outbox_messages")
+        .await;
+    assert_eq!(holders, 0, "no row is left held");
+    drop(relays);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_batch_loses_nothing_and_another_relay_takes_over() {
+    let env = TestEnv::new().await;
+    env.seed(3000, 50).await;
+    let mut doomed = relay(&env, "doomed", &[("OUTBOXD__RELAY__BATCH_SIZE", "200")]);
+    let started = eventually(Duration::from_secs(30), || async {
+        env.count("SELECT count(*) FROM outbox_messages WHERE status = 'synced'")
+            .await
+            > 0
+    })
+    .await;
+    assert!(started, "the first relay syncs something");
+    doomed.signal("KILL");
+    doomed.wait_timeout(Duration::from_secs(5)).expect("killed");
+    let held = env
+        .count("SELECT count(*) FROM outbox_messages WHERE locked_by = 'doomed'")
+        .await;
+    let _heir = relay(&env, "heir", &[]);
+    assert!(
+        env.wait_synced(Duration::from_secs(120)).await,
+        "everything synced after the lease expired"
+    );
+    assert_eq!(env.behind().await, vec![]);
+    if held > 0 {
+        let rescued = env
+            .count("SELECT count(*) FROM outbox_messages WHERE attempts > 0")
+            .await;
+        assert!(
+            rescued > 0,
+            "rows held by the dead relay were taken back ({held} held)"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferretdb_outage_keeps_rows_pending_and_drains_after_restart() {
+    let env = TestEnv::new().await;
+    let mut ferret = Ferret::start().await;
+    let url = ferret.url(&env.name);
+    let mut r = relay(
+        &env,
+        "outage",
+        &[
+            ("MONGODB_URL", &url),
+            ("OUTBOXD__MONGODB__TIMEOUT_MS", "1000"),
+        ],
+    );
+    env.seed(10, 5).await;
+    assert!(env.wait_synced(Duration::from_secs(30)).await);
+
+    ferret.stop();
+    env.seed(200, 20).await;
+    let retried = eventually(Duration::from_secs(20), || async {
+        env.count("SELECT count(*) FROM outbox_messages WHERE status = 'pending' AND attempts > 0 AND next_attempt_at > created_at").await > 0
+    })
+    .await;
+    assert!(retried, "rows were tried, and rescheduled");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox_messages WHERE status = 'failed'")
+            .await,
+        0
+    );
+    assert!(env.unsynced().await > 0);
+
+    ferret.resume().await;
+    assert!(
+        env.wait_synced(Duration::from_secs(60)).await,
+        "drains after FerretDB is back"
+    );
+    let client = mongodb::Client::with_uri_str(&url).await.unwrap();
+    let docs = client
+        .database(&env.name)
+        .collection::<mongodb::bson::Document>("creditor_debts");
+    assert_eq!(docs.count_documents(doc! {}).await.unwrap(), 20);
+    r.signal("TERM");
+    r.wait_timeout(Duration::from_secs(10));
+    let log = r.log_text();
+    assert_eq!(
+        log.matches("MongoDB unavailable").count(),
+        1,
+        "one outage line:\n{log}"
+    );
+    assert_eq!(
+        log.matches("MongoDB available again").count(),
+        1,
+        "one recovery line:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn a_killed_listener_delays_rows_by_at_most_the_poll_interval() {
+    let env = TestEnv::new().await;
+    let r = relay(&env, "listener", &[]);
+    let pg = env.pg().await;
+    let listening = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'";
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            env.count(listening).await == 1
+        })
+        .await
+    );
+    pg.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+        &[],
+    )
+    .await
+    .unwrap();
+    // No NOTIFY accompanies these rows: only the poll can find them.
+    env.seed(5, 5).await;
+    assert!(
+        env.wait_synced(Duration::from_secs(3)).await,
+        "applied within a few poll intervals"
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            env.count(listening).await == 1
+        })
+        .await,
+        "listener back"
+    );
+    assert!(r.log_text().contains("LISTEN connection lost"));
+}
+
+#[tokio::test]
+async fn a_poison_row_fails_with_its_reason_and_the_rest_flow() {
+    let env = TestEnv::new().await;
+    env.seed(20, 5).await;
+    let pg = env.pg().await;
+    pg.batch_execute(
+        "INSERT INTO incoming_emails (webhook_id, ticket_id, from_address, subject, body) VALUES ('poison', 1, 'a@b', 's', 'b');
+         INSERT INTO outbox_messages (operation, aggregate_id, payload, email_id, idempotency_key)
+         SELECT 'update_creditor_debt', 'P/K', '{\"amount\": \"ten euros\"}', id, 'poison' FROM incoming_emails WHERE webhook_id = 'poison';",
+    )
+    .await
+    .unwrap();
+    env.seed(20, 5).await;
+    let _r = relay(&env, "poison", &[]);
+    let done = eventually(Duration::from_secs(30), || async {
+        env.count("SELECT count(*) FROM outbox_messages WHERE status IN ('pending', 'processing')")
+            .await
+            == 0
+    })
+    .await;
+    assert!(done);
+    let row = pg
+        .query_one(
+            "SELECT o.status, o.last_error, e.sync_status FROM outbox_messages o JOIN incoming_emails e ON e.id = o.email_id
+             WHERE o.idempotency_key = 'poison'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "failed");
+    assert!(
+        row.get::<_, String>(1).contains("amount"),
+        "reason recorded: {}",
+        row.get::<_, String>(1)
+    );
+    assert_eq!(row.get::<_, String>(2), "failed");
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox_messages WHERE status = 'synced'")
+            .await,
+        40
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_0_and_leaves_nothing_processing() {
+    let env = TestEnv::new().await;
+    env.seed(5000, 500).await;
+    let mut r = relay(&env, "term", &[("OUTBOXD__RELAY__BATCH_SIZE", "100")]);
+    let busy = eventually(Duration::from_secs(30), || async {
+        env.count("SELECT count(*) FROM outbox_messages WHERE status = 'synced'")
+            .await
+            > 100
+    })
+    .await;
+    assert!(busy);
+    r.signal("TERM");
+    let status = r
+        .wait_timeout(Duration::from_secs(35))
+        .expect("exits within the shutdown timeout");
+    assert!(status.success(), "{status:?}\n{}", r.log_text());
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox_messages WHERE status = 'processing'")
+            .await,
+        0
+    );
+    assert!(
+        env.unsynced().await > 0,
+        "stopped before the end of the backlog"
+    );
+    // What remains is picked up by the next relay.
+    let _next = relay(&env, "term2", &[]);
+    assert!(env.wait_synced(Duration::from_secs(120)).await);
+    assert_eq!(env.behind().await, vec![]);
+}
+
+#[tokio::test]
+async fn metrics_endpoint_serves_relay_metrics() {
+    let env = TestEnv::new().await;
+    let port = free_port();
+    let _r = relay(
+        &env,
+        "metrics",
+        &[(
+            "OUTBOXD__RELAY__METRICS_LISTEN",
+            &format!("127.0.0.1:{port}"),
+        )],
+    );
+    env.seed(10, 2).await;
+    assert!(env.wait_synced(Duration::from_secs(20)).await);
+    let http = reqwest::Client::new();
+    let text = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "outboxd_relay_rows_applied_total",
+        "outboxd_relay_batch_size",
+        "outboxd_relay_apply_duration_seconds",
+        "outboxd_relay_lag_seconds",
+        "outboxd_relay_listener_connected",
+        "relay_id=\"metrics\"",
+    ] {
+        assert!(text.contains(needle), "{needle} missing:\n{text}");
+    }
+}
