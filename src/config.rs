@@ -142,7 +142,7 @@ impl Default for RelayConfig {
             metrics_listen: None,
             workers: 2,
             batch_size: 100,
-            write_concurrency: 4,
+            write_concurrency: 8,
             poll_interval_ms: 1000,
             lease_s: 30,
             max_attempts: 10,

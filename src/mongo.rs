@@ -7,6 +7,8 @@
 //! FerretDB 1.24 support.
 
 use std::collections::HashMap;
+
+use futures_util::StreamExt;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -31,6 +33,7 @@ const TRANSIENT_CODES: &[i32] = &[
 pub struct Sink {
     db: Database,
     collection: String,
+    timeout: Duration,
 }
 
 /// The outcome of applying one message.
@@ -61,6 +64,7 @@ pub async fn connect(config: &MongoConfig) -> anyhow::Result<Sink> {
     Ok(Sink {
         db: client.database(&db_name),
         collection: config.collection.clone(),
+        timeout,
     })
 }
 
@@ -110,13 +114,24 @@ impl Sink {
                 }
             }
         }
-        let mut writes: Vec<&Claimed> = newest.into_values().collect();
-        writes.sort_by_key(|r| r.id);
-        let chunk = writes.len().div_ceil(concurrency.max(1)).max(1);
-        let results =
-            futures_util::future::join_all(writes.chunks(chunk).map(|c| self.write_guarded(c)))
-                .await;
-        let by_aggregate: HashMap<&str, Outcome> = results.into_iter().flatten().collect();
+        let writes: Vec<&Claimed> = newest.into_values().collect();
+        // One single-statement command per aggregate, `concurrency` at a time:
+        // FerretDB runs a multi-statement update command far slower than the
+        // same statements sent concurrently (docs/benchmarks.md).
+        // Owned futures: borrowed ones trip the compiler's Send inference in spawned tasks.
+        let owned: Vec<Claimed> = writes.into_iter().cloned().collect();
+        let sink = self.clone();
+        let by_aggregate: HashMap<String, Outcome> = futures_util::stream::iter(owned)
+            .map(move |row: Claimed| {
+                let sink = sink.clone();
+                async move {
+                    let outcome = sink.write_guarded(&row).await;
+                    (row.aggregate_id, outcome)
+                }
+            })
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await;
         for row in rows {
             if outcomes.contains_key(&row.id) {
                 continue;
@@ -131,78 +146,68 @@ impl Sink {
         outcomes
     }
 
-    /// One `update` command with a guarded upsert per row. A duplicate key is retried
-    /// once: it may be a racing first insert of an older message, not a newer document.
-    async fn write_guarded<'a>(&self, rows: &[&'a Claimed]) -> Vec<(&'a str, Outcome)> {
-        let mut pending: Vec<&'a Claimed> = rows.to_vec();
-        let mut done = Vec::with_capacity(rows.len());
+    /// One guarded upsert. A duplicate key is retried once: it may be a racing
+    /// first insert of an older message, not a newer document.
+    async fn write_guarded(&self, row: &Claimed) -> Outcome {
+        let doc = match document(row) {
+            Ok(doc) => doc,
+            Err(reason) => return Outcome::Permanent(reason),
+        };
+        let command = doc! {
+            "update": &self.collection,
+            "updates": [{
+                "q": { "_id": &row.aggregate_id, "outbox_id": { "$lt": row.id } },
+                "u": { "$set": doc },
+                "upsert": true,
+            }],
+        };
         for round in 0..2 {
-            if pending.is_empty() {
-                break;
-            }
-            let updates: Vec<Document> = pending
-                .iter()
-                .map(|row| {
-                    let doc = document(row).expect("checked before");
-                    doc! {
-                        "q": { "_id": &row.aggregate_id, "outbox_id": { "$lt": row.id } },
-                        "u": { "$set": doc },
-                        "upsert": true,
-                    }
-                })
-                .collect();
-            let command = doc! { "update": &self.collection, "updates": updates, "ordered": false };
-            let reply = match self.db.run_command(command).await {
-                Ok(reply) => reply,
-                Err(e) => {
-                    let outcome = classify(&e);
-                    done.extend(
-                        pending
-                            .iter()
-                            .map(|r| (r.aggregate_id.as_str(), outcome.clone())),
-                    );
-                    return done;
+            // The driver has no per-operation timeout; a server that stops answering
+            // must not hold the batch (and its aggregates' locks) forever.
+            let reply = match tokio::time::timeout(
+                self.timeout,
+                self.db.run_command(command.clone()),
+            )
+            .await
+            {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(e)) => return classify(&e),
+                Err(_) => {
+                    return Outcome::Transient(format!(
+                        "no answer from MongoDB within {:?}",
+                        self.timeout
+                    ));
                 }
             };
-            let mut errors: HashMap<usize, (i32, String)> = HashMap::new();
-            if let Ok(list) = reply.get_array("writeErrors") {
-                for e in list.iter().filter_map(Bson::as_document) {
-                    let index = e.get_i32("index").map(|i| i as usize).unwrap_or(usize::MAX);
-                    let code = e.get_i32("code").unwrap_or(0);
-                    let message = e.get_str("errmsg").unwrap_or("write error").to_owned();
-                    errors.insert(index, (code, message));
-                }
-            }
-            let concern_error = reply.get_document("writeConcernError").ok().map(|e| {
-                format!(
+            let error = reply
+                .get_array("writeErrors")
+                .ok()
+                .and_then(|list| list.iter().filter_map(Bson::as_document).next())
+                .map(|e| {
+                    (
+                        e.get_i32("code").unwrap_or(0),
+                        e.get_str("errmsg").unwrap_or("write error").to_owned(),
+                    )
+                });
+            if let Ok(concern) = reply.get_document("writeConcernError") {
+                return Outcome::Transient(format!(
                     "write concern error: {}",
-                    e.get_str("errmsg").unwrap_or("unknown")
-                )
-            });
-            let mut retry = Vec::new();
-            for (index, row) in pending.iter().enumerate() {
-                let outcome = match errors.get(&index) {
-                    None => match &concern_error {
-                        None => Outcome::Applied,
-                        Some(message) => Outcome::Transient(message.clone()),
-                    },
-                    Some((DUPLICATE_KEY, _)) if round == 0 => {
-                        retry.push(*row);
-                        continue;
-                    }
-                    Some((DUPLICATE_KEY, _)) => Outcome::Applied,
-                    Some((code, message)) if TRANSIENT_CODES.contains(code) => {
-                        Outcome::Transient(format!("MongoDB error {code}: {message}"))
-                    }
-                    Some((code, message)) => Outcome::Permanent(format!(
-                        "MongoDB rejected the document (code {code}): {message}"
-                    )),
-                };
-                done.push((row.aggregate_id.as_str(), outcome));
+                    concern.get_str("errmsg").unwrap_or("unknown")
+                ));
             }
-            pending = retry;
+            return match error {
+                None => Outcome::Applied,
+                Some((DUPLICATE_KEY, _)) if round == 0 => continue,
+                Some((DUPLICATE_KEY, _)) => Outcome::Applied,
+                Some((code, message)) if TRANSIENT_CODES.contains(&code) => {
+                    Outcome::Transient(format!("MongoDB error {code}: {message}"))
+                }
+                Some((code, message)) => Outcome::Permanent(format!(
+                    "MongoDB rejected the document (code {code}): {message}"
+                )),
+            };
         }
-        done
+        Outcome::Applied
     }
 }
 

@@ -144,6 +144,12 @@ pub struct Batch {
 
 /// Claims up to `limit` due pending rows in id order, skipping rows other relays hold.
 /// The inner SELECT walks `outbox_messages_claim_idx`, so its cost does not grow with the backlog.
+///
+/// It also takes a session-level advisory lock on each claimed row's aggregate and
+/// skips aggregates another session holds: while a relay writes an aggregate's
+/// document, no other relay writes it, because FerretDB's guarded updates are not
+/// atomic under concurrency. The caller releases them with `unlock_aggregates`
+/// once its writes are done; a relay that dies frees them with its session.
 pub async fn claim(
     client: &impl GenericClient,
     relay_id: &str,
@@ -154,6 +160,7 @@ pub async fn claim(
         WITH due AS (
             SELECT id FROM outbox_messages
             WHERE status = 'pending' AND next_attempt_at <= now()
+              AND pg_try_advisory_lock($4, hashtext(aggregate_id))
             ORDER BY id LIMIT $2
             FOR UPDATE SKIP LOCKED)
         UPDATE outbox_messages o
@@ -164,7 +171,9 @@ pub async fn claim(
         RETURNING o.id, o.operation, o.aggregate_id, o.payload, o.email_id, o.idempotency_key,
                   o.attempts, o.created_at, e.ticket_id, e.webhook_id, o.locked_until";
     let stmt = client.prepare_cached(SQL).await?;
-    let rows = client.query(&stmt, &[&relay_id, &limit, &lease_s]).await?;
+    let rows = client
+        .query(&stmt, &[&relay_id, &limit, &lease_s, &AGGREGATE_LOCK_CLASS])
+        .await?;
     let locked_until = rows.first().map(|r| r.get(10)).unwrap_or_else(Utc::now);
     let mut rows: Vec<Claimed> = rows
         .iter()
@@ -262,52 +271,12 @@ pub async fn mark_attempt_failed(
 /// Advisory-lock class for "this session writes this aggregate to MongoDB now".
 const AGGREGATE_LOCK_CLASS: i32 = 0x6f62; // "ob"
 
-/// Takes session-level advisory locks on the aggregates, without waiting; answers
-/// those locked. While a relay holds an aggregate's lock, no other relay writes its
-/// document, so a write never races a write of an older message (FerretDB's
-/// updates are not atomic under concurrency). A relay that dies frees its locks
-/// with its session.
-pub async fn lock_aggregates(
-    client: &impl GenericClient,
-    aggregates: &[&str],
-) -> Result<Vec<String>, Error> {
-    let stmt = client
-        .prepare_cached(
-            "SELECT a FROM unnest($1::text[]) AS a WHERE pg_try_advisory_lock($2, hashtext(a))",
-        )
-        .await?;
-    let rows = client
-        .query(&stmt, &[&aggregates, &AGGREGATE_LOCK_CLASS])
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-/// Releases every aggregate lock this session holds.
+/// Releases every aggregate lock this session holds (see `claim`).
 pub async fn unlock_aggregates(client: &impl GenericClient) -> Result<(), Error> {
     client
         .execute("SELECT pg_advisory_unlock_all()", &[])
         .await
         .map(|_| ())
-}
-
-/// Gives back held rows whose aggregate another relay is writing right now: pending
-/// again shortly, attempts unchanged.
-pub async fn defer(
-    client: &impl GenericClient,
-    ids: &[i64],
-    relay_id: &str,
-    locked_until: DateTime<Utc>,
-    delay_ms: f64,
-) -> Result<u64, Error> {
-    client
-        .execute(
-            "UPDATE outbox_messages
-             SET status = 'pending', locked_by = NULL, locked_until = NULL, updated_at = now(),
-                 next_attempt_at = now() + $4 * interval '1 millisecond'
-             WHERE id = ANY($1) AND status = 'processing' AND locked_by = $2 AND locked_until = $3",
-            &[&ids, &relay_id, &locked_until, &delay_ms],
-        )
-        .await
 }
 
 /// Gives held rows back untouched (shutdown): `pending`, due now, attempts unchanged.

@@ -4,7 +4,7 @@
 //! `Ok(None)` when nothing was due (wait for a wake-up, the next due row, or the
 //! poll interval), and `Err` when PostgreSQL failed (back off, then try again).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,8 +21,8 @@ use crate::mongo::{self, Outcome, Sink};
 use crate::outbox::{self, Batch};
 use crate::systemd::Heartbeat;
 
-/// How soon rows deferred for a busy aggregate come due again.
-const DEFER_MS: f64 = 50.0;
+/// The pause before claiming again when due rows are all held by others.
+const BUSY_RETRY: Duration = Duration::from_millis(20);
 
 /// What all workers of one relay share.
 pub struct Shared {
@@ -46,7 +46,7 @@ pub async fn run(shared: Arc<Shared>, wake: Arc<Notify>, shutdown: CancellationT
     let schedule = || {
         ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(30))
+            .with_max_delay(Duration::from_secs(5))
             .with_jitter()
             .without_max_times()
             .build()
@@ -87,7 +87,12 @@ pub async fn run(shared: Arc<Shared>, wake: Arc<Notify>, shutdown: CancellationT
 async fn idle_wait(shared: &Shared, poll: Duration) -> Option<Duration> {
     let client = shared.pool.get().await.ok()?;
     let due = outbox::next_due(&client).await.ok()??;
-    let until = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+    // Rows already due were skipped because another relay holds them or their
+    // aggregate: look again shortly rather than spin.
+    let until = (due - Utc::now())
+        .to_std()
+        .unwrap_or(Duration::ZERO)
+        .max(BUSY_RETRY);
     Some(until.min(poll))
 }
 
@@ -105,45 +110,28 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
         shared.mongodb.ok();
     }
     let client = shared.pool.get().await?;
-    let mut batch = outbox::claim(
+    // The claim also locks the batch's aggregates for this session (see `outbox::claim`).
+    let batch = match outbox::claim(
         &client,
         &shared.relay_id,
         config.batch_size,
         config.lease_s as f64,
     )
-    .await?;
+    .await
+    {
+        Ok(batch) => batch,
+        Err(e) => {
+            release_locks(client).await;
+            return Err(e.into());
+        }
+    };
     shared.postgres.ok();
     if batch.rows.is_empty() {
+        release_locks(client).await;
         return Ok(None);
     }
     let claimed = batch.rows.len();
-
-    // This session holds the aggregates' locks until the writes are done.
-    let mut aggregates: Vec<&str> = batch.rows.iter().map(|r| r.aggregate_id.as_str()).collect();
-    aggregates.sort_unstable();
-    aggregates.dedup();
-    let locked: HashSet<String> = outbox::lock_aggregates(&client, &aggregates)
-        .await?
-        .into_iter()
-        .collect();
-    if locked.len() < aggregates.len() {
-        let busy: Vec<i64> = batch
-            .rows
-            .iter()
-            .filter(|r| !locked.contains(&r.aggregate_id))
-            .map(|r| r.id)
-            .collect();
-        outbox::defer(
-            &client,
-            &busy,
-            &shared.relay_id,
-            batch.locked_until,
-            DEFER_MS,
-        )
-        .await?;
-        batch.rows.retain(|r| locked.contains(&r.aggregate_id));
-    }
-    metrics::histogram!("outboxd_relay_batch_size").record(batch.rows.len() as f64);
+    metrics::histogram!("outboxd_relay_batch_size").record(claimed as f64);
 
     let started = Instant::now();
     let outcomes = shared
@@ -152,9 +140,7 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
         .await;
     metrics::histogram!("outboxd_relay_apply_duration_seconds")
         .record(started.elapsed().as_secs_f64());
-    // Should this fail, the session is broken and its locks are gone with it.
-    let _ = outbox::unlock_aggregates(&client).await;
-    drop(client);
+    release_locks(client).await;
 
     let mut applied = Vec::new();
     let mut failures: BTreeMap<(bool, String), Vec<i64>> = BTreeMap::new();
@@ -175,6 +161,14 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
         rows: claimed,
         mongo_down,
     }))
+}
+
+/// Frees this session's aggregate locks before the connection goes back to the
+/// pool; a connection that cannot is closed instead, which frees them too.
+async fn release_locks(client: deadpool_postgres::Object) {
+    if outbox::unlock_aggregates(&client).await.is_err() {
+        drop(deadpool_postgres::Object::take(client));
+    }
 }
 
 /// Records each row's outcome; retried briefly, since an unmarked row waits for its lease.
