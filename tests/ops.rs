@@ -172,13 +172,15 @@ async fn login_role(env: &TestEnv, group: &str) -> (String, String) {
 async fn roles_allow_each_job_and_nothing_else() {
     let env = TestEnv::new().await;
     let pg = env.pg().await;
-    pg.batch_execute(include_str!("../sql/roles.sql"))
-        .await
-        .expect("roles.sql applies");
+    // The file is written for psql; its meta-commands are psql's, not SQL.
+    let roles: String = include_str!("../sql/roles.sql")
+        .lines()
+        .filter(|l| !l.starts_with('\\'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    pg.batch_execute(&roles).await.expect("roles.sql applies");
     // Running it twice does no harm.
-    pg.batch_execute(include_str!("../sql/roles.sql"))
-        .await
-        .unwrap();
+    pg.batch_execute(&roles).await.unwrap();
     let (ingest_role, ingest_url) = login_role(&env, "outboxd_ingest").await;
     let (relay_role, relay_url) = login_role(&env, "outboxd_relay").await;
 
