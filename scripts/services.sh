@@ -385,10 +385,15 @@ choose_mongo() { # sets MONGO_OUT
                     MONGO_OUT="$given"
                     return 0
                 fi
-                log "WARNING: MONGODB_URL is set but $host:$port is not reachable; falling back to a local FerretDB"
+                # Our own FerretDB may just have stopped: start it again. Any other
+                # server was chosen on purpose; testing FerretDB instead would mislead.
+                if [ "$host:$port" != "$FERRET_HOST:$FERRET_PORT" ] && [ "$host:$port" != "localhost:$FERRET_PORT" ]; then
+                    die "MONGODB_URL points at $host:$port, which is not reachable; start that server, or unset MONGODB_URL to use a local FerretDB"
+                fi
+                log "MONGODB_URL points at the local FerretDB, which is down; starting it"
                 ;;
             *)
-                log "WARNING: MONGODB_URL '$given' is not a mongodb:// URL; falling back to a local FerretDB"
+                die "MONGODB_URL is not a mongodb:// or mongodb+srv:// URL; fix it, or unset it to use a local FerretDB"
                 ;;
         esac
     fi

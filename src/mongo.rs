@@ -43,6 +43,8 @@ pub enum Outcome {
     Applied,
     /// Worth retrying later: the server or the network failed.
     Transient(String),
+    /// No answer in time: retry later, but the write may still land meanwhile.
+    Unanswered(String),
     /// The document was rejected; retrying cannot help.
     Permanent(String),
 }
@@ -83,6 +85,11 @@ impl Sink {
 
     pub fn collection_name(&self) -> &str {
         &self.collection
+    }
+
+    /// How long one call may take before it counts as unanswered.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// A round trip to the server.
@@ -173,7 +180,7 @@ impl Sink {
                 Ok(Ok(reply)) => reply,
                 Ok(Err(e)) => return classify(&e),
                 Err(_) => {
-                    return Outcome::Transient(format!(
+                    return Outcome::Unanswered(format!(
                         "no answer from MongoDB within {:?}",
                         self.timeout
                     ));

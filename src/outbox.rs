@@ -145,11 +145,12 @@ pub struct Batch {
 /// Claims up to `limit` due pending rows in id order, skipping rows other relays hold.
 /// The inner SELECT walks `outbox_messages_claim_idx`, so its cost does not grow with the backlog.
 ///
-/// It also takes a session-level advisory lock on each claimed row's aggregate and
-/// skips aggregates another session holds: while a relay writes an aggregate's
-/// document, no other relay writes it, because FerretDB's guarded updates are not
-/// atomic under concurrency. The caller releases them with `unlock_aggregates`
-/// once its writes are done; a relay that dies frees them with its session.
+/// No two relays write one document at once, because FerretDB's guarded updates
+/// are not atomic under concurrency. So a claim skips aggregates with a row in
+/// flight (its lease outlives a holder whose session died mid-write), and takes a
+/// session-level advisory lock per aggregate, which closes the race between two
+/// concurrent claims. The caller releases the locks with `unlock_aggregates` once
+/// its writes are done; a relay that dies frees them with its session.
 pub async fn claim(
     client: &impl GenericClient,
     relay_id: &str,
@@ -160,6 +161,9 @@ pub async fn claim(
         WITH due AS (
             SELECT id FROM outbox_messages
             WHERE status = 'pending' AND next_attempt_at <= now()
+              AND NOT EXISTS (SELECT 1 FROM outbox_messages busy
+                              WHERE busy.aggregate_id = outbox_messages.aggregate_id
+                                AND busy.status = 'processing')
               AND pg_try_advisory_lock($4, hashtext(aggregate_id))
             ORDER BY id LIMIT $2
             FOR UPDATE SKIP LOCKED)

@@ -117,7 +117,10 @@ impl Ctx {
             .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .await
         {
-            eprintln!("bench: could not drop database {name}: {e}");
+            let why = e
+                .as_db_error()
+                .map_or(e.to_string(), |d| d.message().to_owned());
+            eprintln!("bench: could not drop database {name}: {why}");
             return;
         }
         self.pg_dbs.lock().unwrap().retain(|n| n != name);

@@ -140,14 +140,15 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
         .await;
     metrics::histogram!("outboxd_relay_apply_duration_seconds")
         .record(started.elapsed().as_secs_f64());
-    release_locks(client).await;
 
     let mut applied = Vec::new();
     let mut failures: BTreeMap<(bool, String), Vec<i64>> = BTreeMap::new();
     for row in &batch.rows {
         match &outcomes[&row.id] {
             Outcome::Applied => applied.push(row.id),
-            Outcome::Transient(e) => failures.entry((false, e.clone())).or_default().push(row.id),
+            Outcome::Transient(e) | Outcome::Unanswered(e) => {
+                failures.entry((false, e.clone())).or_default().push(row.id)
+            }
             Outcome::Permanent(e) => failures.entry((true, e.clone())).or_default().push(row.id),
         }
     }
@@ -156,7 +157,17 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
         Some((_, error)) => shared.mongodb.failed(error),
         None => shared.mongodb.ok(),
     }
-    mark(shared, &batch, applied, failures).await?;
+    let unanswered = outcomes
+        .values()
+        .any(|o| matches!(o, Outcome::Unanswered(_)));
+    let marked = mark(shared, &batch, applied, failures).await;
+    if unanswered {
+        // A write that timed out may still land: keep its aggregates locked until
+        // it surely has, or a newer write could be overtaken by it.
+        tokio::time::sleep(shared.sink.timeout() * 2).await;
+    }
+    release_locks(client).await;
+    marked?;
     Ok(Some(Progress {
         rows: claimed,
         mongo_down,
