@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
-use mongodb::bson::{Bson, Document, doc};
+use mongodb::bson::{Document, doc};
 use outboxd::outbox::Claimed;
 use serde_json::{Map, Value, json};
 use support::{Ctx, Proc};
@@ -966,9 +966,9 @@ async fn relay_drain(
 }
 
 /// The reference: the same documents written straight to MongoDB by this process,
-/// in the relay's command shape (one `update` of guarded upserts per chunk) and with
-/// its concurrency: `procs` clients × `workers` loops, each batch of `batch_size`
-/// split into `write_concurrency` concurrent commands. No PostgreSQL.
+/// through the relay's own sink (`outboxd::mongo::Sink::apply`: one guarded upsert
+/// per document, `write_concurrency` at a time) and with its concurrency: `procs`
+/// clients × `workers` loops, each taking batches of `batch_size`. No PostgreSQL.
 async fn raw_drain(
     ctx: &Ctx,
     rows: Arc<Vec<Claimed>>,
@@ -979,16 +979,22 @@ async fn raw_drain(
     let result: anyhow::Result<(f64, f64)> = async {
         let cursor = Arc::new(AtomicUsize::new(0));
         let mut dbs = Vec::new();
+        let mut sinks = Vec::new();
         for _ in 0..procs {
             let client = mongodb::Client::with_uri_str(ctx.mongo_db_url(&mongo)).await?;
             dbs.push(client.database(&mongo));
+            let config = outboxd::config::MongoConfig {
+                url: ctx.mongo_db_url(&mongo).into(),
+                ..Default::default()
+            };
+            sinks.push(outboxd::mongo::connect(&config).await?);
         }
         let cpu0 = support::self_cpu_s();
         let t0 = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
-        for db in &dbs {
+        for sink in &sinks {
             for _ in 0..setting.workers {
-                let (db, rows, cursor) = (db.clone(), rows.clone(), cursor.clone());
+                let (sink, rows, cursor) = (sink.clone(), rows.clone(), cursor.clone());
                 tasks.spawn(async move {
                     let batch = setting.batch as usize;
                     let mut errors = 0usize;
@@ -998,14 +1004,11 @@ async fn raw_drain(
                             return Ok::<_, anyhow::Error>(errors);
                         }
                         let slice = &rows[start..(start + batch).min(rows.len())];
-                        let chunk = slice.len().div_ceil(setting.conc).max(1);
-                        let results = futures_util::future::join_all(
-                            slice.chunks(chunk).map(|c| write_guarded(&db, c)),
-                        )
-                        .await;
-                        for r in results {
-                            errors += r?;
-                        }
+                        let outcomes = sink.apply(slice, setting.conc).await;
+                        errors += outcomes
+                            .values()
+                            .filter(|o| **o != outboxd::mongo::Outcome::Applied)
+                            .count();
                     }
                 });
             }
@@ -1034,45 +1037,6 @@ async fn raw_drain(
     .await;
     ctx.drop_mongo(&mongo).await;
     result
-}
-
-/// One `update` command of guarded upserts, as src/mongo.rs sends; answers the
-/// number of write errors.
-async fn write_guarded(db: &mongodb::Database, rows: &[Claimed]) -> anyhow::Result<usize> {
-    let mut updates = Vec::with_capacity(rows.len());
-    for row in rows {
-        let doc = outboxd::mongo::document(row).map_err(anyhow::Error::msg)?;
-        updates.push(doc! {
-            "q": { "_id": &row.aggregate_id, "outbox_id": { "$lt": row.id } },
-            "u": { "$set": doc },
-            "upsert": true,
-        });
-    }
-    let command = match std::env::var("BENCH_PROBE_SHAPE").as_deref() {
-        Ok("insert") => {
-            let docs: Vec<Document> = rows
-                .iter()
-                .map(|row| {
-                    let mut d = outboxd::mongo::document(row).unwrap();
-                    d.insert("_id", &row.aggregate_id);
-                    d
-                })
-                .collect();
-            doc! { "insert": COLLECTION, "documents": docs, "ordered": false }
-        }
-        Ok("upsert") => {
-            for (u, row) in updates.iter_mut().zip(rows) {
-                u.insert("q", doc! { "_id": &row.aggregate_id });
-            }
-            doc! { "update": COLLECTION, "updates": updates, "ordered": false }
-        }
-        _ => doc! { "update": COLLECTION, "updates": updates, "ordered": false },
-    };
-    let reply = db.run_command(command).await?;
-    Ok(reply
-        .get_array("writeErrors")
-        .map(|a| a.iter().filter(|e| matches!(e, Bson::Document(_))).count())
-        .unwrap_or(0))
 }
 
 /// BENCH_PROBE_MONGO=1: the raw loop alone at several shapes (a diagnostic).
