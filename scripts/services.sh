@@ -296,6 +296,9 @@ ferret_pid() { # prints the pid from the pidfile if that process is our ferretdb
 }
 
 ensure_ferretdb() {
+    # The test suite starts private FerretDB instances (to stop them as a fault),
+    # so the binary must exist even when some server already answers the port.
+    ferret_bin_ok || build_ferretdb
     if mongo_ping "$FERRET_HOST" "$FERRET_PORT"; then
         log "a MongoDB-compatible server already answers on $FERRET_HOST:$FERRET_PORT; not starting another"
         return 0
