@@ -121,14 +121,17 @@ impl Sink {
                 }
             }
         }
-        let writes: Vec<&Claimed> = newest.into_values().collect();
+        let writes: Vec<Claimed> = newest.into_values().cloned().collect();
+        // Aggregates seen for the first time are created by one insert; an
+        // existing `_id` answers 11000 and takes the guarded update. An insert
+        // never overwrites, so it cannot move a document backwards.
+        let (mut by_aggregate, existing) = self.insert_new(writes).await;
         // One single-statement command per aggregate, `concurrency` at a time:
         // FerretDB runs a multi-statement update command far slower than the
         // same statements sent concurrently (docs/benchmarks.md).
         // Owned futures: borrowed ones trip the compiler's Send inference in spawned tasks.
-        let owned: Vec<Claimed> = writes.into_iter().cloned().collect();
         let sink = self.clone();
-        let by_aggregate: HashMap<String, Outcome> = futures_util::stream::iter(owned)
+        let updated: Vec<(String, Outcome)> = futures_util::stream::iter(existing)
             .map(move |row: Claimed| {
                 let sink = sink.clone();
                 async move {
@@ -139,6 +142,7 @@ impl Sink {
             .buffer_unordered(concurrency.max(1))
             .collect()
             .await;
+        by_aggregate.extend(updated);
         for row in rows {
             if outcomes.contains_key(&row.id) {
                 continue;
@@ -151,6 +155,85 @@ impl Sink {
             outcomes.insert(row.id, outcome);
         }
         outcomes
+    }
+
+    /// Inserts the documents of `rows` in one unordered command. Answers the outcome
+    /// per aggregate, and the rows whose document already exists.
+    async fn insert_new(&self, rows: Vec<Claimed>) -> (HashMap<String, Outcome>, Vec<Claimed>) {
+        let mut outcomes = HashMap::with_capacity(rows.len());
+        if rows.is_empty() {
+            return (outcomes, Vec::new());
+        }
+        let mut documents = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut doc = document(row).expect("checked by apply");
+            doc.insert("_id", &row.aggregate_id);
+            documents.push(doc);
+        }
+        let command = doc! { "insert": &self.collection, "documents": documents, "ordered": false };
+        let reply = match tokio::time::timeout(self.timeout, self.db.run_command(command)).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(e)) => {
+                let outcome = classify(&e);
+                return (
+                    rows.into_iter()
+                        .map(|r| (r.aggregate_id, outcome.clone()))
+                        .collect(),
+                    Vec::new(),
+                );
+            }
+            Err(_) => {
+                let outcome = Outcome::Unanswered(format!(
+                    "no answer from MongoDB within {:?}",
+                    self.timeout
+                ));
+                return (
+                    rows.into_iter()
+                        .map(|r| (r.aggregate_id, outcome.clone()))
+                        .collect(),
+                    Vec::new(),
+                );
+            }
+        };
+        let mut errors: HashMap<usize, (i32, String)> = HashMap::new();
+        if let Ok(list) = reply.get_array("writeErrors") {
+            for e in list.iter().filter_map(Bson::as_document) {
+                let index = e.get_i32("index").map(|i| i as usize).unwrap_or(usize::MAX);
+                let code = e.get_i32("code").unwrap_or(0);
+                errors.insert(
+                    index,
+                    (
+                        code,
+                        e.get_str("errmsg").unwrap_or("write error").to_owned(),
+                    ),
+                );
+            }
+        }
+        let concern = reply.get_document("writeConcernError").ok().map(|e| {
+            format!(
+                "write concern error: {}",
+                e.get_str("errmsg").unwrap_or("unknown")
+            )
+        });
+        let mut existing = Vec::new();
+        for (index, row) in rows.into_iter().enumerate() {
+            let outcome = match (errors.remove(&index), &concern) {
+                (Some((DUPLICATE_KEY, _)), _) => {
+                    existing.push(row);
+                    continue;
+                }
+                (Some((code, message)), _) if TRANSIENT_CODES.contains(&code) => {
+                    Outcome::Transient(format!("MongoDB error {code}: {message}"))
+                }
+                (Some((code, message)), _) => Outcome::Permanent(format!(
+                    "MongoDB rejected the document (code {code}): {message}"
+                )),
+                (None, Some(message)) => Outcome::Transient(message.clone()),
+                (None, None) => Outcome::Applied,
+            };
+            outcomes.insert(row.aggregate_id, outcome);
+        }
+        (outcomes, existing)
     }
 
     /// One guarded upsert. A duplicate key is retried once: it may be a racing

@@ -113,8 +113,14 @@ async fn an_older_message_never_moves_a_document_backwards() {
 async fn racing_relays_sync_every_row_and_leave_every_document_latest() {
     let env = TestEnv::new().await;
     env.seed(10_000, 100).await;
+    // Large batches let each relay coalesce; a long lease, because FerretDB
+    // writes only tens of documents per second on a busy 2-core machine.
+    let setting = [
+        ("OUTBOXD__RELAY__BATCH_SIZE", "500"),
+        ("OUTBOXD__RELAY__LEASE_S", "60"),
+    ];
     let relays: Vec<Proc> = (0..3)
-        .map(|i| relay(&env, &format!("race{i}"), &[]))
+        .map(|i| relay(&env, &format!("race{i}"), &setting))
         .collect();
     assert!(
         env.wait_synced(Duration::from_secs(400)).await,

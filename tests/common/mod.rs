@@ -175,7 +175,7 @@ impl TestEnv {
             ("OUTBOXD__RELAY__POLL_INTERVAL_MS".into(), "200".into()),
             ("OUTBOXD__RELAY__BACKOFF_BASE_MS".into(), "100".into()),
             ("OUTBOXD__RELAY__BACKOFF_CAP_MS".into(), "1000".into()),
-            ("OUTBOXD__RELAY__LEASE_S".into(), "5".into()),
+            ("OUTBOXD__RELAY__LEASE_S".into(), "10".into()),
             ("OUTBOXD__DATABASE__POOL_SIZE".into(), "8".into()),
             ("OUTBOXD__LOG__FORMAT".into(), "json".into()),
         ]
