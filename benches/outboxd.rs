@@ -835,21 +835,7 @@ async fn load_rows(ctx: &Ctx, db: &str) -> anyhow::Result<Vec<Claimed>> {
             &[],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| Claimed {
-            id: r.get(0),
-            operation: r.get(1),
-            aggregate_id: r.get(2),
-            payload: r.get(3),
-            email_id: r.get(4),
-            idempotency_key: r.get(5),
-            attempts: r.get(6),
-            created_at: r.get(7),
-            ticket_id: r.get(8),
-            webhook_id: r.get(9),
-        })
-        .collect())
+    Ok(rows.iter().map(Claimed::from_row).collect())
 }
 
 struct DrainRun {

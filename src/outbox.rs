@@ -135,6 +135,26 @@ pub struct Claimed {
     pub webhook_id: String,
 }
 
+impl Claimed {
+    /// From a row whose first ten columns are, in order: id, operation,
+    /// aggregate_id, payload, email_id, idempotency_key, attempts, created_at,
+    /// ticket_id, webhook_id (as `claim` returns them).
+    pub fn from_row(r: &tokio_postgres::Row) -> Claimed {
+        Claimed {
+            id: r.get(0),
+            operation: r.get(1),
+            aggregate_id: r.get(2),
+            payload: r.get(3),
+            email_id: r.get(4),
+            idempotency_key: r.get(5),
+            attempts: r.get(6),
+            created_at: r.get(7),
+            ticket_id: r.get(8),
+            webhook_id: r.get(9),
+        }
+    }
+}
+
 /// A claimed batch and the lease that guards every later transition on it.
 #[derive(Debug, Clone)]
 pub struct Batch {
@@ -179,21 +199,7 @@ pub async fn claim(
         .query(&stmt, &[&relay_id, &limit, &lease_s, &AGGREGATE_LOCK_CLASS])
         .await?;
     let locked_until = rows.first().map(|r| r.get(10)).unwrap_or_else(Utc::now);
-    let mut rows: Vec<Claimed> = rows
-        .iter()
-        .map(|r| Claimed {
-            id: r.get(0),
-            operation: r.get(1),
-            aggregate_id: r.get(2),
-            payload: r.get(3),
-            email_id: r.get(4),
-            idempotency_key: r.get(5),
-            attempts: r.get(6),
-            created_at: r.get(7),
-            ticket_id: r.get(8),
-            webhook_id: r.get(9),
-        })
-        .collect();
+    let mut rows: Vec<Claimed> = rows.iter().map(Claimed::from_row).collect();
     rows.sort_by_key(|r| r.id);
     Ok(Batch { rows, locked_until })
 }
