@@ -462,7 +462,7 @@ async fn phase_ingest(ctx: &Ctx, plan: &Plan, report: &mut Report) -> anyhow::Re
         }
     };
     let script = ctx.out.join("pgbench-enqueue.sql");
-    std::fs::write(&script, PGBENCH_SCRIPT)?;
+    std::fs::write(&script, pgbench_script())?;
     let mut ingest = Vec::new();
     let mut pg = Vec::new();
     for round in 0..plan.ingest_rounds {
@@ -578,43 +578,38 @@ async fn ingest_round(ctx: &Ctx, plan: &Plan, round: usize) -> anyhow::Result<In
     result
 }
 
-/// The ingest statement of `outbox::enqueue`, verbatim, with pgbench variables for its
-/// parameters: the same values, lengths and distinctness as the load generator's.
-/// pgbench takes `:name` as a variable even inside a quoted literal, so no literal
-/// here has a colon before a letter or digit (`'…debt:' || 'MP-'`, `to_timestamp`).
-const PGBENCH_SCRIPT: &str = r#"\set r random(1, 9000000000000000000)
-\set ticket :r % 1000000000 + 1
-\set euros :r % 100000
-\set cents :r % 100
-WITH k AS (
-    INSERT INTO idempotency_keys (key, webhook_id, email_id, outbox_id, expires_at)
-    VALUES ('update_creditor_debt:' || 'MP-' || :r::text || '/K-99812:' || '92bb92c4cd9d0363', 'evt-bench-' || :r::text,
-            nextval('incoming_emails_id_seq'), nextval('outbox_messages_id_seq'),
-            now() + 86400::float8 * interval '1 second')
-    ON CONFLICT (key) DO UPDATE
-        SET webhook_id = EXCLUDED.webhook_id, email_id = EXCLUDED.email_id,
-            outbox_id = EXCLUDED.outbox_id, created_at = now(), expires_at = EXCLUDED.expires_at
-        WHERE idempotency_keys.expires_at <= now()
-    RETURNING email_id, outbox_id),
-e AS (
-    INSERT INTO incoming_emails (id, webhook_id, ticket_id, message_id, from_address, subject, body, received_at)
-    SELECT email_id, 'evt-bench-' || :r::text, :ticket::int8, '<bench-' || :r::text || '@mail.sparkasse.example>',
-           'forderungen@sparkasse.example', 'Forderungsaufstellung Ihr Zeichen MP-' || :r::text,
-           'Sehr geehrte Damen und Herren, die Forderung beträgt 1.234,56 €.',
-           to_timestamp(1795857300)
-    FROM k
-    RETURNING id),
-o AS (
-    INSERT INTO outbox_messages (id, operation, aggregate_id, payload, email_id, idempotency_key)
-    SELECT k.outbox_id, 'update_creditor_debt', 'MP-' || :r::text || '/K-99812',
-           jsonb_build_object('client_reference', 'MP-' || :r::text, 'creditor_name', 'Sparkasse KölnBonn',
-                              'amount', :euros::text || '.' || lpad(:cents::text, 2, '0'), 'currency', 'EUR',
-                              'creditor_reference', 'K-99812'),
-           e.id, 'update_creditor_debt:' || 'MP-' || :r::text || '/K-99812:' || '92bb92c4cd9d0363'
-    FROM k, e
-    RETURNING id, email_id)
-SELECT email_id, id FROM o;
-"#;
+/// pgbench's script: `outbox::ENQUEUE` itself, its parameters replaced by pgbench
+/// expressions giving the same values, lengths and distinctness as the load
+/// generator's. pgbench takes `:name` as a variable even inside a quoted literal,
+/// so no literal here has a colon before a letter or digit.
+fn pgbench_script() -> String {
+    let key = "'update_creditor_debt:' || 'MP-' || :r::text || '/K-99812:' || '92bb92c4cd9d0363'";
+    let params = [
+        key,
+        "'evt-bench-' || :r::text",
+        "86400::float8",
+        ":ticket::int8",
+        "'<bench-' || :r::text || '@mail.sparkasse.example>'",
+        "'forderungen@sparkasse.example'",
+        "'Forderungsaufstellung Ihr Zeichen MP-' || :r::text",
+        "'Sehr geehrte Damen und Herren, die Forderung beträgt 1.234,56 €.'",
+        "to_timestamp(1795857300)",
+        "'update_creditor_debt'",
+        "'MP-' || :r::text || '/K-99812'",
+        "jsonb_build_object('client_reference', 'MP-' || :r::text, 'creditor_name', 'Sparkasse KölnBonn', \
+         'amount', :euros::text || '.' || lpad(:cents::text, 2, '0'), 'currency', 'EUR', \
+         'creditor_reference', 'K-99812')",
+    ];
+    let mut sql = outboxd::outbox::ENQUEUE.to_owned();
+    // Highest first, so that $1 does not eat the start of $10..$12.
+    for (i, value) in params.iter().enumerate().rev() {
+        sql = sql.replace(&format!("${}", i + 1), &format!("({value})"));
+    }
+    format!(
+        "\\set r random(1, 9000000000000000000)\n\\set ticket :r % 1000000000 + 1\n\\set euros :r % 100000\n\\set cents :r % 100\n{};\n",
+        sql.trim()
+    )
+}
 
 /// pgbench: the server's own (highest version), else PATH, else apt-get (when allowed).
 fn find_pgbench(install: bool) -> anyhow::Result<PathBuf> {

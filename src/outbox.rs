@@ -20,16 +20,11 @@ pub struct Accepted {
     pub idempotency_key: String,
 }
 
-/// Records the e-mail, its outbox message and its idempotency key in one statement,
-/// hence one transaction. `Ok(None)` when the key is already held (a duplicate).
-/// A `webhook_id` seen before fails with the unique violation of
-/// `incoming_emails_webhook_id_key`, and nothing is written.
-pub async fn enqueue(
-    client: &impl GenericClient,
-    event: &Event,
-    ttl_s: f64,
-) -> Result<Option<Accepted>, Error> {
-    const SQL: &str = "
+/// The ingest statement. Parameters: $1 key, $2 webhook_id, $3 TTL in seconds,
+/// $4 ticket_id, $5 message_id, $6 from, $7 subject, $8 body, $9 received_at,
+/// $10 operation, $11 aggregate_id, $12 payload. The benchmark runs it verbatim
+/// under pgbench.
+pub const ENQUEUE: &str = "
         WITH k AS (
             INSERT INTO idempotency_keys (key, webhook_id, email_id, outbox_id, expires_at)
             VALUES ($1, $2, nextval('incoming_emails_id_seq'), nextval('outbox_messages_id_seq'),
@@ -48,7 +43,17 @@ pub async fn enqueue(
             SELECT k.outbox_id, $10, $11, $12, e.id, $1 FROM k, e
             RETURNING id, email_id)
         SELECT email_id, id FROM o";
-    let stmt = client.prepare_cached(SQL).await?;
+
+/// Records the e-mail, its outbox message and its idempotency key in one statement,
+/// hence one transaction. `Ok(None)` when the key is already held (a duplicate).
+/// A `webhook_id` seen before fails with the unique violation of
+/// `incoming_emails_webhook_id_key`, and nothing is written.
+pub async fn enqueue(
+    client: &impl GenericClient,
+    event: &Event,
+    ttl_s: f64,
+) -> Result<Option<Accepted>, Error> {
+    let stmt = client.prepare_cached(ENQUEUE).await?;
     let row = client
         .query_opt(
             &stmt,
