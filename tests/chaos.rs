@@ -514,6 +514,9 @@ async fn chaos_campaign() {
             ("OUTBOXD__DATABASE__POOL_WAIT_MS".into(), "1000".into()),
             // Below the lease, so that one MongoDB attempt cannot outlive its lease.
             ("OUTBOXD__MONGODB__TIMEOUT_MS".into(), "1500".into()),
+            // Leases are not renewed, so a whole batch must fit in one (README): at
+            // FerretDB's tens of updates per second here, 100 rows would not fit in 3 s.
+            ("OUTBOXD__RELAY__BATCH_SIZE".into(), "20".into()),
             ("OUTBOXD__LOG__FORMAT".into(), "json".into()),
         ],
     };
