@@ -987,7 +987,8 @@ async fn raw_drain(
                             return Ok::<_, anyhow::Error>(errors);
                         }
                         let slice = &rows[start..(start + batch).min(rows.len())];
-                        let outcomes = sink.apply(slice, setting.conc).await;
+                        let far = Instant::now() + Duration::from_secs(3600);
+                        let outcomes = sink.apply(slice, setting.conc, far).await;
                         errors += outcomes
                             .values()
                             .filter(|o| **o != outboxd::mongo::Outcome::Applied)

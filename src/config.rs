@@ -230,6 +230,14 @@ impl Config {
                 bail!("invalid configuration: `{key}` must be greater than 0");
             }
         }
+        // A batch's writes must fit in its lease, with room for one slow write.
+        if self.relay.lease_s.saturating_mul(1000) < 2 * self.mongodb.timeout_ms {
+            bail!(
+                "invalid configuration: `relay.lease_s` ({} s) must be at least twice `mongodb.timeout_ms` ({} ms)",
+                self.relay.lease_s,
+                self.mongodb.timeout_ms
+            );
+        }
         if self.relay.batch_size > 10_000 {
             bail!("invalid configuration: `relay.batch_size` must be at most 10000");
         }

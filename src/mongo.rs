@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use futures_util::StreamExt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use mongodb::bson::{self, Bson, Document, doc};
@@ -23,6 +23,9 @@ use crate::money::Amount;
 use crate::outbox::Claimed;
 
 const DUPLICATE_KEY: i32 = 11000;
+/// The outcome of a write not started because the batch's lease ends too soon.
+pub const LEASE_TOO_SHORT: &str =
+    "not written: the lease would end before the write could finish (raise relay.lease_s)";
 /// Server error codes that mean "try again later" (not primary, shutting down, timeouts).
 const TRANSIENT_CODES: &[i32] = &[
     6, 7, 50, 89, 91, 112, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436,
@@ -105,7 +108,16 @@ impl Sink {
 
     /// Applies a batch: coalesces messages per aggregate to the newest, writes those in
     /// `concurrency` update commands, and answers an outcome per message id.
-    pub async fn apply(&self, rows: &[Claimed], concurrency: usize) -> HashMap<i64, Outcome> {
+    ///
+    /// No write starts after `last_start`: one started later could outlive the
+    /// batch's lease, while another relay already writes the same aggregate.
+    /// Its rows answer `Transient` and are retried under a new lease.
+    pub async fn apply(
+        &self,
+        rows: &[Claimed],
+        concurrency: usize,
+        last_start: Instant,
+    ) -> HashMap<i64, Outcome> {
         let mut outcomes = HashMap::with_capacity(rows.len());
         let mut newest: HashMap<&str, &Claimed> = HashMap::new();
         for row in rows {
@@ -125,7 +137,18 @@ impl Sink {
         // Aggregates seen for the first time are created by one insert; an
         // existing `_id` answers 11000 and takes the guarded update. An insert
         // never overwrites, so it cannot move a document backwards.
-        let (mut by_aggregate, existing) = self.insert_new(writes).await;
+        let (mut by_aggregate, existing) = if Instant::now() > last_start {
+            let late = Outcome::Transient(LEASE_TOO_SHORT.into());
+            (
+                writes
+                    .into_iter()
+                    .map(|r| (r.aggregate_id, late.clone()))
+                    .collect(),
+                Vec::new(),
+            )
+        } else {
+            self.insert_new(writes).await
+        };
         // One single-statement command per aggregate, `concurrency` at a time:
         // FerretDB runs a multi-statement update command far slower than the
         // same statements sent concurrently (docs/benchmarks.md).
@@ -135,7 +158,11 @@ impl Sink {
             .map(move |row: Claimed| {
                 let sink = sink.clone();
                 async move {
-                    let outcome = sink.write_guarded(&row).await;
+                    let outcome = if Instant::now() > last_start {
+                        Outcome::Transient(LEASE_TOO_SHORT.into())
+                    } else {
+                        sink.write_guarded(&row).await
+                    };
                     (row.aggregate_id, outcome)
                 }
             })

@@ -1150,7 +1150,8 @@ async fn guarded_upsert_race() {
                         ticket_id: id,
                         webhook_id: format!("w{id}"),
                     };
-                    let outcome = sink.apply(std::slice::from_ref(&row), 1).await;
+                    let far = std::time::Instant::now() + Duration::from_secs(3600);
+                    let outcome = sink.apply(std::slice::from_ref(&row), 1, far).await;
                     assert_eq!(outcome[&id], outboxd::mongo::Outcome::Applied);
                 }
             })

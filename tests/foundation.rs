@@ -178,6 +178,20 @@ fn a_bad_config_stops_start_up_naming_the_key() {
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("relay.batch_size"));
 
+    // A lease too short for one slow write is refused before anything starts.
+    std::fs::write(
+        &file,
+        "[relay]\nlease_s = 5\n[mongodb]\ntimeout_ms = 5000\n",
+    )
+    .unwrap();
+    let out = outboxd(&["--config", file.to_str().unwrap(), "check"], &[]);
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("relay.lease_s") && err.contains("mongodb.timeout_ms"),
+        "{err}"
+    );
+
     // The shipped file loads, and holds exactly the defaults.
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/outboxd.toml");
     let config = outboxd::config::Config::load(Some(std::path::Path::new(shipped))).unwrap();

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use mongodb::bson::doc;
@@ -59,6 +59,11 @@ async fn end_to_end_the_document_holds_the_latest_amount() {
     ingest.stop().await;
 }
 
+/// A write deadline that never binds.
+fn far() -> Instant {
+    Instant::now() + Duration::from_secs(3600)
+}
+
 fn claimed(id: i64, aggregate: &str, amount: &str) -> Claimed {
     Claimed {
         id,
@@ -81,25 +86,25 @@ async fn an_older_message_never_moves_a_document_backwards() {
     let sink = mongo::connect(&env.config().mongodb).await.unwrap();
     let newer = claimed(20, "C/K", "2.00");
     let older = claimed(10, "C/K", "1.00");
-    let applied = sink.apply(std::slice::from_ref(&newer), 1).await;
+    let applied = sink.apply(std::slice::from_ref(&newer), 1, far()).await;
     assert_eq!(applied[&20], Outcome::Applied);
     let before = env.doc("C/K").await.unwrap();
 
     // Older after newer: a no-op success (the guarded upsert hits 11000).
     assert_eq!(
-        sink.apply(std::slice::from_ref(&older), 1).await[&10],
+        sink.apply(std::slice::from_ref(&older), 1, far()).await[&10],
         Outcome::Applied
     );
     // The same message again: also a no-op.
     assert_eq!(
-        sink.apply(std::slice::from_ref(&newer), 1).await[&20],
+        sink.apply(std::slice::from_ref(&newer), 1, far()).await[&20],
         Outcome::Applied
     );
     assert_eq!(env.doc("C/K").await.unwrap(), before, "document unchanged");
 
     // Both in one batch: coalesced to the newest, both count as applied.
     let third = claimed(30, "C/K", "3.00");
-    let outcomes = sink.apply(&[older.clone(), third.clone()], 4).await;
+    let outcomes = sink.apply(&[older.clone(), third.clone()], 4, far()).await;
     assert_eq!(outcomes[&10], Outcome::Applied);
     assert_eq!(outcomes[&30], Outcome::Applied);
     assert_eq!(
@@ -107,6 +112,33 @@ async fn an_older_message_never_moves_a_document_backwards() {
         30
     );
     assert_eq!(env.docs().count_documents(doc! {}).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn no_write_starts_once_the_lease_is_too_short_to_finish_it() {
+    let env = TestEnv::new().await;
+    let sink = mongo::connect(&env.config().mongodb).await.unwrap();
+    // First write of an aggregate (insert) and a later one (guarded update).
+    let first = claimed(1, "A/K", "1.00");
+    sink.apply(std::slice::from_ref(&first), 1, far()).await;
+    let rows = [claimed(2, "A/K", "2.00"), claimed(3, "B/K", "3.00")];
+    let outcomes = sink.apply(&rows, 4, Instant::now()).await;
+    for id in [2, 3] {
+        assert_eq!(
+            outcomes[&id],
+            Outcome::Transient(mongo::LEASE_TOO_SHORT.into()),
+            "row {id}"
+        );
+    }
+    assert_eq!(
+        env.doc("A/K").await.unwrap().get_i64("outbox_id").unwrap(),
+        1,
+        "the late update was not sent"
+    );
+    assert!(
+        env.doc("B/K").await.is_none(),
+        "the late insert was not sent"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -110,6 +110,14 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
         shared.mongodb.ok();
     }
     let client = shared.pool.get().await?;
+    // The lease is `now() + lease_s` on the server, so it ends no sooner than
+    // `lease_s` after this instant. A write may start while it can finish (or be
+    // given up) before then.
+    let last_start = Instant::now() + Duration::from_secs(config.lease_s)
+        - shared
+            .sink
+            .timeout()
+            .min(Duration::from_secs(config.lease_s));
     // The claim also locks the batch's aggregates for this session (see `outbox::claim`).
     let batch = match outbox::claim(
         &client,
@@ -136,7 +144,7 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     let started = Instant::now();
     let outcomes = shared
         .sink
-        .apply(&batch.rows, config.write_concurrency)
+        .apply(&batch.rows, config.write_concurrency, last_start)
         .await;
     metrics::histogram!("outboxd_relay_apply_duration_seconds")
         .record(started.elapsed().as_secs_f64());

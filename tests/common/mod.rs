@@ -143,6 +143,8 @@ impl TestEnv {
         config.relay.backoff_base_ms = 100;
         config.relay.backoff_cap_ms = 1000;
         config.relay.lease_s = 5;
+        // Writes start only while they can finish within the lease.
+        config.mongodb.timeout_ms = 2000;
         config
     }
 
