@@ -100,17 +100,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationT
 async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let (name, response) = match (req.method(), req.uri().path()) {
-        (&Method::POST, "/webhooks/email") => {
-            let span = tracing::info_span!(
-                "webhook",
-                webhook_id = tracing::field::Empty,
-                email_id = tracing::field::Empty,
-                outbox_id = tracing::field::Empty,
-                idempotency_key = tracing::field::Empty,
-                operation = tracing::field::Empty,
-            );
-            ("/webhooks/email", webhook(&app, req).instrument(span).await)
-        }
+        (&Method::POST, "/webhooks/email") => ("/webhooks/email", webhook(&app, req).await),
         (&Method::GET, "/healthz") => (
             "/healthz",
             http::json(StatusCode::OK, &json!({"status": "ok"})),
@@ -251,17 +241,19 @@ async fn webhook(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
             return bad_request(invalid.field.as_deref(), &invalid.error);
         }
     };
-    let span = tracing::Span::current();
-    span.record("webhook_id", event.webhook_id.as_str());
-    span.record("idempotency_key", event.idempotency_key.as_str());
-    span.record("operation", crate::idempotency::UPDATE_CREDITOR_DEBT);
-
-    match accept(app, &event).await {
+    // Created once with every field known: the JSON formatter serialises a
+    // span's fields again on each later `record`.
+    let span = tracing::info_span!(
+        "webhook",
+        webhook_id = event.webhook_id.as_str(),
+        idempotency_key = event.idempotency_key.as_str(),
+        operation = crate::idempotency::UPDATE_CREDITOR_DEBT,
+    );
+    let result = accept(app, &event).instrument(span.clone()).await;
+    let _in_span = span.enter();
+    match result {
         Ok((accepted, duplicate)) => {
-            span.record("email_id", accepted.email_id);
-            if let Some(id) = accepted.outbox_id {
-                span.record("outbox_id", id);
-            }
+            let (email_id, outbox_id) = (accepted.email_id, accepted.outbox_id);
             let mut body = json!({
                 "email_id": accepted.email_id,
                 "outbox_id": accepted.outbox_id,
@@ -271,11 +263,21 @@ async fn webhook(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
             if duplicate {
                 metrics::counter!("outboxd_ingest_duplicates_total").increment(1);
                 body["duplicate"] = json!(true);
-                tracing::info!(outcome = "duplicate", "webhook already accepted");
+                tracing::info!(
+                    outcome = "duplicate",
+                    email_id,
+                    outbox_id,
+                    "webhook already accepted"
+                );
                 http::json(StatusCode::OK, &body)
             } else {
                 app.notifier.wake();
-                tracing::info!(outcome = "accepted", "webhook accepted");
+                tracing::info!(
+                    outcome = "accepted",
+                    email_id,
+                    outbox_id,
+                    "webhook accepted"
+                );
                 http::json(StatusCode::ACCEPTED, &body)
             }
         }
