@@ -7,6 +7,7 @@
 //! FerretDB 1.24 support.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
 use futures_util::StreamExt;
 use std::time::{Duration, Instant};
@@ -119,21 +120,31 @@ impl Sink {
         last_start: Instant,
     ) -> HashMap<i64, Outcome> {
         let mut outcomes = HashMap::with_capacity(rows.len());
-        let mut newest: HashMap<&str, &Claimed> = HashMap::new();
+        let mut newest: HashMap<&str, Write> = HashMap::new();
         for row in rows {
             match document(row) {
                 Err(reason) => {
                     outcomes.insert(row.id, Outcome::Permanent(reason));
                 }
-                Ok(_) => {
-                    let entry = newest.entry(&row.aggregate_id).or_insert(row);
-                    if row.id > entry.id {
-                        *entry = row;
+                Ok(doc) => {
+                    let write = Write {
+                        id: row.id,
+                        aggregate_id: row.aggregate_id.clone(),
+                        doc,
+                    };
+                    match newest.entry(&row.aggregate_id) {
+                        Entry::Vacant(e) => {
+                            e.insert(write);
+                        }
+                        Entry::Occupied(mut e) if e.get().id < row.id => {
+                            e.insert(write);
+                        }
+                        Entry::Occupied(_) => {}
                     }
                 }
             }
         }
-        let writes: Vec<Claimed> = newest.into_values().cloned().collect();
+        let writes: Vec<Write> = newest.into_values().collect();
         // Aggregates seen for the first time are created by one insert; an
         // existing `_id` answers 11000 and takes the guarded update. An insert
         // never overwrites, so it cannot move a document backwards.
@@ -155,15 +166,15 @@ impl Sink {
         // Owned futures: borrowed ones trip the compiler's Send inference in spawned tasks.
         let sink = self.clone();
         let updated: Vec<(String, Outcome)> = futures_util::stream::iter(existing)
-            .map(move |row: Claimed| {
+            .map(move |write: Write| {
                 let sink = sink.clone();
                 async move {
                     let outcome = if Instant::now() > last_start {
                         Outcome::Transient(LEASE_TOO_SHORT.into())
                     } else {
-                        sink.write_guarded(&row).await
+                        sink.write_guarded(&write).await
                     };
-                    (row.aggregate_id, outcome)
+                    (write.aggregate_id, outcome)
                 }
             })
             .buffer_unordered(concurrency.max(1))
@@ -186,15 +197,16 @@ impl Sink {
 
     /// Inserts the documents of `rows` in one unordered command. Answers the outcome
     /// per aggregate, and the rows whose document already exists.
-    async fn insert_new(&self, rows: Vec<Claimed>) -> (HashMap<String, Outcome>, Vec<Claimed>) {
+    async fn insert_new(&self, rows: Vec<Write>) -> (HashMap<String, Outcome>, Vec<Write>) {
         let mut outcomes = HashMap::with_capacity(rows.len());
         if rows.is_empty() {
             return (outcomes, Vec::new());
         }
         let mut documents = Vec::with_capacity(rows.len());
         for row in &rows {
-            let mut doc = document(row).expect("checked by apply");
+            let mut doc = Document::new();
             doc.insert("_id", &row.aggregate_id);
+            doc.extend(row.doc.clone());
             documents.push(doc);
         }
         let command = doc! { "insert": &self.collection, "documents": documents, "ordered": false };
@@ -265,16 +277,12 @@ impl Sink {
 
     /// One guarded upsert. A duplicate key is retried once: it may be a racing
     /// first insert of an older message, not a newer document.
-    async fn write_guarded(&self, row: &Claimed) -> Outcome {
-        let doc = match document(row) {
-            Ok(doc) => doc,
-            Err(reason) => return Outcome::Permanent(reason),
-        };
+    async fn write_guarded(&self, row: &Write) -> Outcome {
         let command = doc! {
             "update": &self.collection,
             "updates": [{
                 "q": { "_id": &row.aggregate_id, "outbox_id": { "$lt": row.id } },
-                "u": { "$set": doc },
+                "u": { "$set": &row.doc },
                 "upsert": true,
             }],
         };
@@ -326,6 +334,13 @@ impl Sink {
         }
         Outcome::Applied
     }
+}
+
+/// The newest message of one aggregate in a batch, ready to write.
+struct Write {
+    id: i64,
+    aggregate_id: String,
+    doc: Document,
 }
 
 /// The document fields for one message; `Err` names what makes the payload unusable.

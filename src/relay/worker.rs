@@ -218,8 +218,9 @@ async fn mark(
         .when(is_transient)
         .await?;
         metrics::counter!("outboxd_relay_rows_applied_total").increment(marked.len() as u64);
+        let lag_seconds = metrics::histogram!("outboxd_relay_lag_seconds");
         for (id, lag) in &marked {
-            metrics::histogram!("outboxd_relay_lag_seconds").record(*lag);
+            lag_seconds.record(*lag);
             let row = rows_by_id[id];
             tracing::debug!(
                 outbox_id = row.id, email_id = row.email_id, idempotency_key = %row.idempotency_key,
