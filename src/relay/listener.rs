@@ -13,16 +13,21 @@ use tokio_util::sync::CancellationToken;
 use crate::outbox::CHANNEL;
 
 /// Wakes every worker once (each keeps a permit if it is busy).
-pub fn wake_all(wakers: &[Arc<Notify>]) {
+fn wake_all(wakers: &[Arc<Notify>]) {
     for w in wakers {
         w.notify_one();
     }
 }
 
 /// Runs until `shutdown`. `poll_ms` only appears in the log line about the fallback.
+///
+/// A notification wakes one idle worker through `nudge` (or the next to finish,
+/// if all are busy): waking all of them would send each one to claim, and all
+/// but one would find nothing. A reconnect wakes every worker, through `wakers`.
 pub async fn run(
     pg: tokio_postgres::Config,
     wakers: Vec<Arc<Notify>>,
+    nudge: Arc<Notify>,
     poll_ms: u64,
     shutdown: CancellationToken,
 ) {
@@ -37,7 +42,7 @@ pub async fn run(
     let mut backoff = schedule();
     let mut was_connected = true; // so that a first failure is logged
     loop {
-        match listen(&pg, &wakers, &shutdown).await {
+        match listen(&pg, &wakers, &nudge, &shutdown).await {
             Ok(()) => return, // shutdown
             Err(Lost { connected, error }) => {
                 metrics::gauge!("outboxd_relay_listener_connected").set(0.0);
@@ -66,6 +71,7 @@ struct Lost {
 async fn listen(
     pg: &tokio_postgres::Config,
     wakers: &[Arc<Notify>],
+    nudge: &Arc<Notify>,
     shutdown: &CancellationToken,
 ) -> Result<(), Lost> {
     let lost = |connected: bool| {
@@ -76,12 +82,12 @@ async fn listen(
     };
     let (client, mut connection) = pg.connect(NoTls).await.map_err(lost(false))?;
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<String>();
-    let forward = wakers.to_vec();
+    let forward = nudge.clone();
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         let reason = loop {
             match messages.next().await {
-                Some(Ok(AsyncMessage::Notification(_))) => wake_all(&forward),
+                Some(Ok(AsyncMessage::Notification(_))) => forward.notify_one(),
                 Some(Ok(_)) => {}
                 Some(Err(e)) => break e.to_string(),
                 None => break "connection closed".to_owned(),

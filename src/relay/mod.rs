@@ -63,16 +63,23 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         .map(|_| Arc::new(Notify::new()))
         .collect();
     let pg = db::pg_config(&config.database)?;
+    let nudge = Arc::new(Notify::new());
     tasks.spawn(listener::run(
         pg,
         wakers.clone(),
+        nudge.clone(),
         config.relay.poll_interval_ms,
         background.clone(),
     ));
     tasks.spawn(housekeeping(shared.clone(), background.clone()));
     let workers = TaskTracker::new();
     for wake in &wakers {
-        workers.spawn(worker::run(shared.clone(), wake.clone(), shutdown.clone()));
+        workers.spawn(worker::run(
+            shared.clone(),
+            wake.clone(),
+            nudge.clone(),
+            shutdown.clone(),
+        ));
     }
     workers.close();
     tracing::info!(relay_id = %relay_id, workers = config.relay.workers, "relay started");

@@ -41,7 +41,14 @@ pub struct Progress {
     mongo_down: bool,
 }
 
-pub async fn run(shared: Arc<Shared>, wake: Arc<Notify>, shutdown: CancellationToken) {
+/// `wake` is this worker's own wake-up; `nudge` is shared by the relay's workers
+/// and wakes one of them.
+pub async fn run(
+    shared: Arc<Shared>,
+    wake: Arc<Notify>,
+    nudge: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
     let poll = Duration::from_millis(shared.config.poll_interval_ms);
     let schedule = || {
         ExponentialBuilder::default()
@@ -56,9 +63,14 @@ pub async fn run(shared: Arc<Shared>, wake: Arc<Notify>, shutdown: CancellationT
         shared.heartbeat.beat();
         let pause = match run_batch(&shared).await {
             Ok(Some(Progress {
-                mongo_down: false, ..
+                mongo_down: false,
+                rows,
             })) => {
                 backoff = schedule();
+                // A full batch suggests more is due: bring in an idle worker.
+                if rows as i64 >= shared.config.batch_size {
+                    nudge.notify_one();
+                }
                 continue;
             }
             Ok(Some(Progress {
@@ -77,6 +89,7 @@ pub async fn run(shared: Arc<Shared>, wake: Arc<Notify>, shutdown: CancellationT
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = wake.notified(), if !shared.mongodb.is_down() && !shared.postgres.is_down() => {}
+            _ = nudge.notified(), if !shared.mongodb.is_down() && !shared.postgres.is_down() => {}
             _ = tokio::time::sleep(pause) => {}
         }
     }
