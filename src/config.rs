@@ -133,7 +133,7 @@ impl Default for IngestConfig {
             body_read_timeout_ms: 10_000,
             max_connections: 1024,
             shutdown_timeout_s: 30,
-            threads: 1,
+            threads: 0,
         }
     }
 }
@@ -155,7 +155,7 @@ impl Default for RelayConfig {
             housekeeping_interval_s: 60,
             housekeeping_batch: 1000,
             retention_s: 7 * 24 * 3600,
-            threads: 1,
+            threads: 0,
         }
     }
 }
@@ -228,8 +228,6 @@ impl Config {
                 self.ingest.body_limit_bytes as u64,
             ),
             ("ingest.max_connections", self.ingest.max_connections as u64),
-            ("ingest.threads", self.ingest.threads as u64),
-            ("relay.threads", self.relay.threads as u64),
         ];
         for (key, value) in positive {
             if value == 0 {

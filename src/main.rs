@@ -17,18 +17,17 @@ fn main() -> ExitCode {
         }
     };
     telemetry::init_logs(&config.log);
-    // One thread carries ingest's or a relay's load with CPU to spare, and saves
-    // the cross-thread wake-ups of every query (docs/benchmarks.md).
+    // `threads = 0`: one per CPU, tokio's default (docs/benchmarks.md).
     let threads = match cli.command {
         Command::Ingest { .. } => config.ingest.threads,
         Command::Relay { .. } => config.relay.threads,
         _ => 1,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("outboxd: cannot start the async runtime: {e}");
