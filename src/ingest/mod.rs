@@ -22,7 +22,6 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::config::{Config, IngestConfig};
 use crate::http::{self, Limits};
@@ -241,16 +240,11 @@ async fn webhook(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
             return bad_request(invalid.field.as_deref(), &invalid.error);
         }
     };
-    // Created once with every field known: the JSON formatter serialises a
-    // span's fields again on each later `record`.
-    let span = tracing::info_span!(
-        "webhook",
-        webhook_id = event.webhook_id.as_str(),
-        idempotency_key = event.idempotency_key.as_str(),
-        operation = crate::idempotency::UPDATE_CREDITOR_DEBT,
-    );
-    let result = accept(app, &event).instrument(span.clone()).await;
-    let _in_span = span.enter();
+    let result = accept(app, &event).await;
+    // The event's fields go on each line rather than on a span: the JSON
+    // formatter parses and re-serialises a span's fields for every line.
+    let (webhook_id, idempotency_key) = (&event.webhook_id, &event.idempotency_key);
+    let operation = crate::idempotency::UPDATE_CREDITOR_DEBT;
     match result {
         Ok((accepted, duplicate)) => {
             let (email_id, outbox_id) = (accepted.email_id, accepted.outbox_id);
@@ -265,8 +259,11 @@ async fn webhook(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 body["duplicate"] = json!(true);
                 tracing::info!(
                     outcome = "duplicate",
+                    webhook_id,
                     email_id,
                     outbox_id,
+                    idempotency_key,
+                    operation,
                     "webhook already accepted"
                 );
                 http::json(StatusCode::OK, &body)
@@ -274,19 +271,36 @@ async fn webhook(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 app.notifier.wake();
                 tracing::info!(
                     outcome = "accepted",
+                    webhook_id,
                     email_id,
                     outbox_id,
+                    idempotency_key,
+                    operation,
                     "webhook accepted"
                 );
                 http::json(StatusCode::ACCEPTED, &body)
             }
         }
         Err(Failure::Unavailable(e)) => {
-            tracing::warn!(outcome = "unavailable", error = %e, "PostgreSQL unavailable");
+            tracing::warn!(
+                outcome = "unavailable",
+                webhook_id,
+                idempotency_key,
+                operation,
+                error = %e,
+                "PostgreSQL unavailable"
+            );
             unavailable("PostgreSQL is unavailable; retry later")
         }
         Err(Failure::Internal(e)) => {
-            tracing::error!(outcome = "error", error = %e, "webhook failed; nothing was written");
+            tracing::error!(
+                outcome = "error",
+                webhook_id,
+                idempotency_key,
+                operation,
+                error = %e,
+                "webhook failed; nothing was written"
+            );
             http::status_only(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal error; nothing was written",
