@@ -10,26 +10,8 @@ use tokio_postgres::error::SqlState;
 
 use crate::config::DatabaseConfig;
 
-/// How a pool's sessions commit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Commit {
-    /// COMMIT returns once the WAL is flushed (ingest: its answer promises the row).
-    Durable,
-    /// COMMIT returns before the WAL flush (`synchronous_commit = off`). Only for
-    /// work that is safe to redo: a relay mark lost in a server crash puts the row
-    /// back in flight, and the replayed write is a version-guarded no-op.
-    Asynchronous,
-}
-
 /// Parses the URL and applies the configured timeouts; errors never echo the URL.
 pub fn pg_config(config: &DatabaseConfig) -> anyhow::Result<tokio_postgres::Config> {
-    pg_config_for(config, Commit::Durable)
-}
-
-fn pg_config_for(
-    config: &DatabaseConfig,
-    commit: Commit,
-) -> anyhow::Result<tokio_postgres::Config> {
     let mut pg: tokio_postgres::Config = config.url.expose_secret().parse().map_err(|_| {
         anyhow::anyhow!("invalid `database.url` (DATABASE_URL): not a PostgreSQL URL")
     })?;
@@ -39,30 +21,18 @@ fn pg_config_for(
     if pg.get_application_name().is_none() {
         pg.application_name("outboxd");
     }
-    let mut options = Vec::new();
     if config.statement_timeout_ms > 0 {
-        options.push(format!(
+        pg.options(format!(
             "-c statement_timeout={}",
             config.statement_timeout_ms
         ));
-    }
-    if commit == Commit::Asynchronous {
-        options.push("-c synchronous_commit=off".into());
-    }
-    if !options.is_empty() {
-        pg.options(options.join(" "));
     }
     Ok(pg)
 }
 
 /// Builds a pool; connections are opened lazily, so this succeeds while PostgreSQL is down.
 pub fn pool(config: &DatabaseConfig) -> anyhow::Result<Pool> {
-    pool_for(config, Commit::Durable)
-}
-
-/// A pool whose sessions commit as `commit` says.
-pub fn pool_for(config: &DatabaseConfig, commit: Commit) -> anyhow::Result<Pool> {
-    let pg = pg_config_for(config, commit)?;
+    let pg = pg_config(config)?;
     let manager = Manager::from_config(
         pg,
         NoTls,

@@ -34,9 +34,7 @@ pub fn default_id() -> String {
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let relay_id = config.relay.id.clone().unwrap_or_else(default_id);
     let metrics = crate::telemetry::init_metrics(&[("relay_id", &relay_id)]);
-    // Every relay transaction is safe to lose in a server crash (see `db::Commit`),
-    // so none waits for a WAL flush.
-    let pool = db::pool_for(&config.database, db::Commit::Asynchronous)?;
+    let pool = db::pool(&config.database)?;
     let sink = mongo::connect(&config.mongodb).await?;
     let shared = Arc::new(Shared {
         relay_id: relay_id.clone(),
