@@ -235,7 +235,7 @@ impl Config {
             }
         }
         // A batch's writes must fit in its lease, with room for one slow write.
-        if self.relay.lease_s.saturating_mul(1000) < 2 * self.mongodb.timeout_ms {
+        if self.relay.lease_s.saturating_mul(1000) < self.mongodb.timeout_ms.saturating_mul(2) {
             bail!(
                 "invalid configuration: `relay.lease_s` ({} s) must be at least twice `mongodb.timeout_ms` ({} ms)",
                 self.relay.lease_s,

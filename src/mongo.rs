@@ -24,9 +24,6 @@ use crate::money::Amount;
 use crate::outbox::Claimed;
 
 const DUPLICATE_KEY: i32 = 11000;
-/// The outcome of a write not started because the batch's lease ends too soon.
-pub const LEASE_TOO_SHORT: &str =
-    "not written: the lease would end before the write could finish (raise relay.lease_s)";
 /// Server error codes that mean "try again later" (not primary, shutting down, timeouts).
 const TRANSIENT_CODES: &[i32] = &[
     6, 7, 50, 89, 91, 112, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436,
@@ -51,6 +48,8 @@ pub enum Outcome {
     Unanswered(String),
     /// The document was rejected; retrying cannot help.
     Permanent(String),
+    /// Not sent: the batch's lease would end before the write could finish.
+    Late,
 }
 
 /// Builds a client with bounded timeouts; it connects lazily.
@@ -112,7 +111,7 @@ impl Sink {
     ///
     /// No write starts after `last_start`: one started later could outlive the
     /// batch's lease, while another relay already writes the same aggregate.
-    /// Its rows answer `Transient` and are retried under a new lease.
+    /// Its rows answer `Late`.
     pub async fn apply(
         &self,
         rows: &[Claimed],
@@ -149,11 +148,10 @@ impl Sink {
         // existing `_id` answers 11000 and takes the guarded update. An insert
         // never overwrites, so it cannot move a document backwards.
         let (mut by_aggregate, existing) = if Instant::now() > last_start {
-            let late = Outcome::Transient(LEASE_TOO_SHORT.into());
             (
                 writes
                     .into_iter()
-                    .map(|r| (r.aggregate_id, late.clone()))
+                    .map(|r| (r.aggregate_id, Outcome::Late))
                     .collect(),
                 Vec::new(),
             )
@@ -169,11 +167,7 @@ impl Sink {
             .map(move |write: Write| {
                 let sink = sink.clone();
                 async move {
-                    let outcome = if Instant::now() > last_start {
-                        Outcome::Transient(LEASE_TOO_SHORT.into())
-                    } else {
-                        sink.write_guarded(&write).await
-                    };
+                    let outcome = sink.write_guarded(&write, last_start).await;
                     (write.aggregate_id, outcome)
                 }
             })
@@ -277,7 +271,7 @@ impl Sink {
 
     /// One guarded upsert. A duplicate key is retried once: it may be a racing
     /// first insert of an older message, not a newer document.
-    async fn write_guarded(&self, row: &Write) -> Outcome {
+    async fn write_guarded(&self, row: &Write, last_start: Instant) -> Outcome {
         let command = doc! {
             "update": &self.collection,
             "updates": [{
@@ -287,6 +281,9 @@ impl Sink {
             }],
         };
         for round in 0..2 {
+            if Instant::now() > last_start {
+                return Outcome::Late;
+            }
             // The driver has no per-operation timeout; a server that stops answering
             // must not hold the batch (and its aggregates' locks) forever.
             let reply = match tokio::time::timeout(

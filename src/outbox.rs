@@ -294,16 +294,22 @@ pub async fn unlock_aggregates(client: &impl GenericClient) -> Result<(), Error>
         .map(|_| ())
 }
 
-/// Gives held rows back untouched (shutdown): `pending`, due now, attempts unchanged.
+/// Gives held rows back untouched: `pending`, due now, attempts unchanged. All of
+/// this relay's rows (shutdown), or `ids` under the lease `locked_until`.
 pub async fn release(
     client: &impl GenericClient,
     relay_id: &str,
-    ids: Option<&[i64]>,
+    held: Option<(&[i64], DateTime<Utc>)>,
 ) -> Result<u64, Error> {
     let sql = "UPDATE outbox_messages
                SET status = 'pending', locked_by = NULL, locked_until = NULL, next_attempt_at = now(), updated_at = now()
-               WHERE status = 'processing' AND locked_by = $1 AND ($2::bigint[] IS NULL OR id = ANY($2))";
-    client.execute(sql, &[&relay_id, &ids]).await
+               WHERE status = 'processing' AND locked_by = $1
+                 AND ($2::bigint[] IS NULL OR (id = ANY($2) AND locked_until = $3))";
+    let (ids, locked_until) = match held {
+        Some((ids, until)) => (Some(ids), Some(until)),
+        None => (None, None),
+    };
+    client.execute(sql, &[&relay_id, &ids, &locked_until]).await
 }
 
 /// Takes back rows whose relay died (lease expired): `pending` again with the attempt

@@ -124,11 +124,7 @@ async fn no_write_starts_once_the_lease_is_too_short_to_finish_it() {
     let rows = [claimed(2, "A/K", "2.00"), claimed(3, "B/K", "3.00")];
     let outcomes = sink.apply(&rows, 4, Instant::now()).await;
     for id in [2, 3] {
-        assert_eq!(
-            outcomes[&id],
-            Outcome::Transient(mongo::LEASE_TOO_SHORT.into()),
-            "row {id}"
-        );
+        assert_eq!(outcomes[&id], Outcome::Late, "row {id}");
     }
     assert_eq!(
         env.doc("A/K").await.unwrap().get_i64("outbox_id").unwrap(),
@@ -139,6 +135,35 @@ async fn no_write_starts_once_the_lease_is_too_short_to_finish_it() {
         env.doc("B/K").await.is_none(),
         "the late insert was not sent"
     );
+}
+
+#[tokio::test]
+async fn rows_too_late_for_their_lease_go_back_unwritten_and_uncounted() {
+    let env = TestEnv::new().await;
+    env.seed(3, 3).await;
+    // A lease no longer than one write's timeout leaves no time to start any write.
+    let mut config = env.config();
+    config.relay.lease_s = 1;
+    config.mongodb.timeout_ms = 1000;
+    let shared = outboxd::relay::worker::Shared {
+        relay_id: "late-relay".into(),
+        config: config.relay.clone(),
+        pool: outboxd::db::pool(&config.database).unwrap(),
+        sink: mongo::connect(&config.mongodb).await.unwrap(),
+        postgres: outboxd::relay::health::Health::new("PostgreSQL"),
+        mongodb: outboxd::relay::health::Health::new("MongoDB"),
+        heartbeat: Default::default(),
+    };
+    let progress = outboxd::relay::worker::run_batch(&shared).await.unwrap();
+    assert_eq!(progress.map(|p| p.rows()), Some(3));
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox_messages WHERE status = 'pending' AND attempts = 0 AND locked_by IS NULL")
+            .await,
+        3,
+        "every row is pending again, with no attempt counted"
+    );
+    assert_eq!(env.docs().count_documents(doc! {}).await.unwrap(), 0);
+    assert!(!shared.mongodb.is_down(), "MongoDB is not blamed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

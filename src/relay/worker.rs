@@ -163,10 +163,12 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
         .record(started.elapsed().as_secs_f64());
 
     let mut applied = Vec::new();
+    let mut late = Vec::new();
     let mut failures: BTreeMap<(bool, String), Vec<i64>> = BTreeMap::new();
     for row in &batch.rows {
         match &outcomes[&row.id] {
             Outcome::Applied => applied.push(row.id),
+            Outcome::Late => late.push(row.id),
             Outcome::Transient(e) | Outcome::Unanswered(e) => {
                 failures.entry((false, e.clone())).or_default().push(row.id)
             }
@@ -182,6 +184,18 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
         .values()
         .any(|o| matches!(o, Outcome::Unanswered(_)));
     let marked = mark(shared, &batch, applied, failures).await;
+    if !late.is_empty() {
+        // Not an attempt: the rows were never sent. The next claim takes them.
+        match outbox::release(&client, &shared.relay_id, Some((&late, batch.locked_until))).await {
+            Ok(n) => tracing::warn!(
+                rows = n, relay_id = %shared.relay_id, lease_s = config.lease_s,
+                "rows given back unwritten: the lease would end before their writes could finish; raise relay.lease_s or lower relay.batch_size"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not give rows back; their leases will expire")
+            }
+        }
+    }
     if unanswered {
         // A write that timed out may still land: keep its aggregates locked until
         // it surely has, or a newer write could be overtaken by it.
