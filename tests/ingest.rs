@@ -293,12 +293,31 @@ async fn refuses_large_bodies_and_other_content_types() {
         let response = req.send().await.unwrap();
         assert_eq!(response.status().as_u16(), 415, "{content_type:?}");
     }
-    // A charset parameter is fine.
+    // A compressed body is refused, not verified and parsed as if it were JSON.
+    for encoding in ["gzip", "deflate, gzip", "br"] {
+        let ts = now_stamp();
+        let sig = webhook::sign(SECRET.as_bytes(), &ts, SAMPLE.as_bytes());
+        let response = http
+            .post(ingest.url())
+            .header("content-type", "application/json")
+            .header("content-encoding", encoding)
+            .header(webhook::SIGNATURE_HEADER, sig)
+            .header(webhook::TIMESTAMP_HEADER, ts)
+            .body(SAMPLE)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 415, "{encoding}");
+        assert!(response.text().await.unwrap().contains("Content-Encoding"));
+    }
+    assert_eq!(rows(&env).await, (0, 0, 0), "nothing written");
+    // A charset parameter is fine, and so is the identity encoding.
     let ts = now_stamp();
     let sig = webhook::sign(SECRET.as_bytes(), &ts, SAMPLE.as_bytes());
     let response = http
         .post(ingest.url())
         .header("content-type", "application/json; charset=utf-8")
+        .header("content-encoding", "identity")
         .header(webhook::SIGNATURE_HEADER, sig)
         .header(webhook::TIMESTAMP_HEADER, ts)
         .body(SAMPLE)

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use deadpool_postgres::Pool;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::{ExposeSecret, SecretString};
@@ -159,7 +159,8 @@ fn bad_request(field: Option<&str>, error: &str) -> Response<Full<Bytes>> {
     )
 }
 
-/// `POST /webhooks/email`, in the order: content type, size, signature, body, database.
+/// `POST /webhooks/email`, in the order: content type and encoding, size, signature,
+/// body, database.
 async fn webhook(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let is_json = req
         .headers()
@@ -172,6 +173,18 @@ async fn webhook(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
         return http::status_only(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "Content-Type must be application/json",
+        );
+    }
+    // A compressed body would be verified and parsed as if it were the JSON.
+    let encoded = req.headers().get_all(CONTENT_ENCODING).iter().any(|v| {
+        !v.to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("identity"))
+    });
+    if encoded {
+        tracing::info!(outcome = "unsupported_media_type", "webhook refused");
+        return http::status_only(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Encoding is not supported; send the JSON uncompressed",
         );
     }
     let limit = app.config.body_limit_bytes;
