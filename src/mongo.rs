@@ -8,11 +8,10 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-
-use futures_util::StreamExt;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures_util::StreamExt;
 use mongodb::bson::{self, Bson, Document, doc};
 use mongodb::error::{Error as MongoError, ErrorKind};
 use mongodb::options::ClientOptions;
@@ -204,22 +203,9 @@ impl Sink {
             documents.push(doc);
         }
         let command = doc! { "insert": &self.collection, "documents": documents, "ordered": false };
-        let reply = match tokio::time::timeout(self.timeout, self.db.run_command(command)).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(e)) => {
-                let outcome = classify(&e);
-                return (
-                    rows.into_iter()
-                        .map(|r| (r.aggregate_id, outcome.clone()))
-                        .collect(),
-                    Vec::new(),
-                );
-            }
-            Err(_) => {
-                let outcome = Outcome::Unanswered(format!(
-                    "no answer from MongoDB within {:?}",
-                    self.timeout
-                ));
+        let reply = match self.run_write(command).await {
+            Ok(reply) => reply,
+            Err(outcome) => {
                 return (
                     rows.into_iter()
                         .map(|r| (r.aggregate_id, outcome.clone()))
@@ -228,26 +214,7 @@ impl Sink {
                 );
             }
         };
-        let mut errors: HashMap<usize, (i32, String)> = HashMap::new();
-        if let Ok(list) = reply.get_array("writeErrors") {
-            for e in list.iter().filter_map(Bson::as_document) {
-                let index = e.get_i32("index").map(|i| i as usize).unwrap_or(usize::MAX);
-                let code = e.get_i32("code").unwrap_or(0);
-                errors.insert(
-                    index,
-                    (
-                        code,
-                        e.get_str("errmsg").unwrap_or("write error").to_owned(),
-                    ),
-                );
-            }
-        }
-        let concern = reply.get_document("writeConcernError").ok().map(|e| {
-            format!(
-                "write concern error: {}",
-                e.get_str("errmsg").unwrap_or("unknown")
-            )
-        });
+        let (mut errors, concern) = write_errors(&reply);
         let mut existing = Vec::new();
         for (index, row) in rows.into_iter().enumerate() {
             let outcome = match (errors.remove(&index), &concern) {
@@ -255,12 +222,7 @@ impl Sink {
                     existing.push(row);
                     continue;
                 }
-                (Some((code, message)), _) if TRANSIENT_CODES.contains(&code) => {
-                    Outcome::Transient(format!("MongoDB error {code}: {message}"))
-                }
-                (Some((code, message)), _) => Outcome::Permanent(format!(
-                    "MongoDB rejected the document (code {code}): {message}"
-                )),
+                (Some((code, message)), _) => rejected(code, &message),
                 (None, Some(message)) => Outcome::Transient(message.clone()),
                 (None, None) => Outcome::Applied,
             };
@@ -284,52 +246,68 @@ impl Sink {
             if Instant::now() > last_start {
                 return Outcome::Late;
             }
-            // The driver has no per-operation timeout; a server that stops answering
-            // must not hold the batch (and its aggregates' locks) forever.
-            let reply = match tokio::time::timeout(
-                self.timeout,
-                self.db.run_command(command.clone()),
-            )
-            .await
-            {
-                Ok(Ok(reply)) => reply,
-                Ok(Err(e)) => return classify(&e),
-                Err(_) => {
-                    return Outcome::Unanswered(format!(
-                        "no answer from MongoDB within {:?}",
-                        self.timeout
-                    ));
-                }
+            let reply = match self.run_write(command.clone()).await {
+                Ok(reply) => reply,
+                Err(outcome) => return outcome,
             };
-            let error = reply
-                .get_array("writeErrors")
-                .ok()
-                .and_then(|list| list.iter().filter_map(Bson::as_document).next())
-                .map(|e| {
-                    (
-                        e.get_i32("code").unwrap_or(0),
-                        e.get_str("errmsg").unwrap_or("write error").to_owned(),
-                    )
-                });
-            if let Ok(concern) = reply.get_document("writeConcernError") {
-                return Outcome::Transient(format!(
-                    "write concern error: {}",
-                    concern.get_str("errmsg").unwrap_or("unknown")
-                ));
+            let (errors, concern) = write_errors(&reply);
+            if let Some(message) = concern {
+                return Outcome::Transient(message);
             }
-            return match error {
+            return match errors.into_values().next() {
                 None => Outcome::Applied,
                 Some((DUPLICATE_KEY, _)) if round == 0 => continue,
                 Some((DUPLICATE_KEY, _)) => Outcome::Applied,
-                Some((code, message)) if TRANSIENT_CODES.contains(&code) => {
-                    Outcome::Transient(format!("MongoDB error {code}: {message}"))
-                }
-                Some((code, message)) => Outcome::Permanent(format!(
-                    "MongoDB rejected the document (code {code}): {message}"
-                )),
+                Some((code, message)) => rejected(code, &message),
             };
         }
         Outcome::Applied
+    }
+
+    /// Runs one write command. `Err` is the outcome of every document in it.
+    async fn run_write(&self, command: Document) -> Result<Document, Outcome> {
+        // The driver has no per-operation timeout; a server that stops answering
+        // must not hold the batch (and its aggregates' locks) forever.
+        match tokio::time::timeout(self.timeout, self.db.run_command(command)).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) => Err(classify(&e)),
+            Err(_) => Err(Outcome::Unanswered(format!(
+                "no answer from MongoDB within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+}
+
+/// A write reply's per-document errors, `(code, message)` by index, and its
+/// write-concern error.
+fn write_errors(reply: &Document) -> (HashMap<usize, (i32, String)>, Option<String>) {
+    let mut errors = HashMap::new();
+    if let Ok(list) = reply.get_array("writeErrors") {
+        for e in list.iter().filter_map(Bson::as_document) {
+            let index = e.get_i32("index").map(|i| i as usize).unwrap_or(usize::MAX);
+            let code = e.get_i32("code").unwrap_or(0);
+            let message = e.get_str("errmsg").unwrap_or("write error").to_owned();
+            errors.insert(index, (code, message));
+        }
+    }
+    let concern = reply.get_document("writeConcernError").ok().map(|e| {
+        format!(
+            "write concern error: {}",
+            e.get_str("errmsg").unwrap_or("unknown")
+        )
+    });
+    (errors, concern)
+}
+
+/// The outcome of a per-document write error other than a duplicate key.
+fn rejected(code: i32, message: &str) -> Outcome {
+    if TRANSIENT_CODES.contains(&code) {
+        Outcome::Transient(format!("MongoDB error {code}: {message}"))
+    } else {
+        Outcome::Permanent(format!(
+            "MongoDB rejected the document (code {code}): {message}"
+        ))
     }
 }
 

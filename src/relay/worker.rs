@@ -126,11 +126,8 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     // The lease is `now() + lease_s` on the server, so it ends no sooner than
     // `lease_s` after this instant. A write may start while it can finish (or be
     // given up) before then.
-    let last_start = Instant::now() + Duration::from_secs(config.lease_s)
-        - shared
-            .sink
-            .timeout()
-            .min(Duration::from_secs(config.lease_s));
+    let last_start =
+        Instant::now() + Duration::from_secs(config.lease_s).saturating_sub(shared.sink.timeout());
     // The claim also locks the batch's aggregates for this session (see `outbox::claim`).
     let batch = match outbox::claim(
         &client,
