@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chaos_support::{Pg, PgCluster, count_lines, post, send_signal};
+use chaos_support::{Pg, PgCluster, count_lines, send_signal};
 use common::{Ferret, Proc, SAMPLE, SECRET, TestEnv, free_port};
 use futures_util::TryStreamExt;
 use mongodb::bson::{Document, doc};
@@ -189,7 +189,7 @@ async fn deliver(
     let mut ambiguous = redelivery;
     let mut after_503 = false;
     loop {
-        match post(http, url, SECRET, body).await {
+        match common::try_post_signed(http, url, body).await {
             Ok((status, answer)) => {
                 *stats.lock().unwrap().statuses.entry(status).or_default() += 1;
                 let outbox_id = answer.get("outbox_id").and_then(Value::as_i64);

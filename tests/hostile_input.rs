@@ -1170,17 +1170,8 @@ fn record(tally: &Mutex<Tally>, case: &Case, ex: &Exchange) {
 }
 
 async fn signed_post(http: &reqwest::Client, url: &str, body: &str) -> Option<u16> {
-    let ts = stamp(0);
-    let sig = webhook::sign(SECRET.as_bytes(), &ts, body.as_bytes());
-    http.post(url)
-        .header("content-type", "application/json")
-        .header(webhook::SIGNATURE_HEADER, sig)
-        .header(webhook::TIMESTAMP_HEADER, ts)
-        .body(body.to_owned())
-        .send()
-        .await
-        .ok()
-        .map(|r| r.status().as_u16())
+    let answer = common::try_post_signed(http, url, body).await.ok();
+    answer.map(|(status, _)| status)
 }
 
 async fn healthz(addr: SocketAddr) -> Option<u16> {

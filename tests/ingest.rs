@@ -280,53 +280,52 @@ async fn refuses_large_bodies_and_other_content_types() {
         Some("application/x-www-form-urlencoded"),
         Some("application/jsonp"),
     ] {
-        let ts = now_stamp();
-        let sig = webhook::sign(SECRET.as_bytes(), &ts, SAMPLE.as_bytes());
-        let mut req = http
-            .post(ingest.url())
-            .header(webhook::SIGNATURE_HEADER, sig)
-            .header(webhook::TIMESTAMP_HEADER, ts)
-            .body(SAMPLE);
-        if let Some(ct) = content_type {
-            req = req.header("content-type", ct);
-        }
-        let response = req.send().await.unwrap();
+        let headers: Vec<_> = content_type
+            .map(|ct| ("content-type", ct))
+            .into_iter()
+            .collect();
+        let response = sample_signed(&http, &ingest.url(), &headers).await;
         assert_eq!(response.status().as_u16(), 415, "{content_type:?}");
     }
     // A compressed body is refused, not verified and parsed as if it were JSON.
     for encoding in ["gzip", "deflate, gzip", "br"] {
-        let ts = now_stamp();
-        let sig = webhook::sign(SECRET.as_bytes(), &ts, SAMPLE.as_bytes());
-        let response = http
-            .post(ingest.url())
-            .header("content-type", "application/json")
-            .header("content-encoding", encoding)
-            .header(webhook::SIGNATURE_HEADER, sig)
-            .header(webhook::TIMESTAMP_HEADER, ts)
-            .body(SAMPLE)
-            .send()
-            .await
-            .unwrap();
+        let headers = [
+            ("content-type", "application/json"),
+            ("content-encoding", encoding),
+        ];
+        let response = sample_signed(&http, &ingest.url(), &headers).await;
         assert_eq!(response.status().as_u16(), 415, "{encoding}");
         assert!(response.text().await.unwrap().contains("Content-Encoding"));
     }
     assert_eq!(rows(&env).await, (0, 0, 0), "nothing written");
     // A charset parameter is fine, and so is the identity encoding.
-    let ts = now_stamp();
-    let sig = webhook::sign(SECRET.as_bytes(), &ts, SAMPLE.as_bytes());
-    let response = http
-        .post(ingest.url())
-        .header("content-type", "application/json; charset=utf-8")
-        .header("content-encoding", "identity")
-        .header(webhook::SIGNATURE_HEADER, sig)
-        .header(webhook::TIMESTAMP_HEADER, ts)
-        .body(SAMPLE)
-        .send()
-        .await
-        .unwrap();
+    let headers = [
+        ("content-type", "application/json; charset=utf-8"),
+        ("content-encoding", "identity"),
+    ];
+    let response = sample_signed(&http, &ingest.url(), &headers).await;
     assert_eq!(response.status().as_u16(), 202);
     assert_eq!(rows(&env).await, (1, 1, 1));
     ingest.stop().await;
+}
+
+/// SAMPLE, validly signed, with exactly these other headers.
+async fn sample_signed(
+    http: &reqwest::Client,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let ts = now_stamp();
+    let sig = webhook::sign(SECRET.as_bytes(), &ts, SAMPLE.as_bytes());
+    let mut req = http
+        .post(url)
+        .header(webhook::SIGNATURE_HEADER, sig)
+        .header(webhook::TIMESTAMP_HEADER, ts)
+        .body(SAMPLE);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    req.send().await.unwrap()
 }
 
 #[tokio::test]

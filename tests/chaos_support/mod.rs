@@ -7,8 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use outboxd::ingest::webhook;
-use serde_json::Value;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
@@ -251,29 +249,6 @@ impl Pg {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-}
-
-/// One signed POST; `Err` for transport failures (refused, reset, timeout).
-pub async fn post(
-    http: &reqwest::Client,
-    url: &str,
-    secret: &str,
-    body: &str,
-) -> Result<(u16, Value), String> {
-    let ts = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
-    let sig = webhook::sign(secret.as_bytes(), &ts, body.as_bytes());
-    let response = http
-        .post(url)
-        .header("content-type", "application/json")
-        .header(webhook::SIGNATURE_HEADER, sig)
-        .header(webhook::TIMESTAMP_HEADER, ts)
-        .body(body.to_owned())
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = response.status().as_u16();
-    let json = response.json().await.unwrap_or(Value::Null);
-    Ok((status, json))
 }
 
 /// Lines of a log file that contain `needle`.

@@ -250,6 +250,18 @@ pub fn now_stamp() -> String {
 
 /// Posts a body signed with the test secret.
 pub async fn post_signed(http: &reqwest::Client, url: &str, body: &str) -> (u16, Value) {
+    try_post_signed(http, url, body)
+        .await
+        .expect("ingest answers")
+}
+
+/// Posts a body signed with the test secret; `Err` for transport failures
+/// (refused, reset, timeout).
+pub async fn try_post_signed(
+    http: &reqwest::Client,
+    url: &str,
+    body: &str,
+) -> Result<(u16, Value), reqwest::Error> {
     let ts = now_stamp();
     let sig = webhook::sign(SECRET.as_bytes(), &ts, body.as_bytes());
     let response = http
@@ -259,11 +271,10 @@ pub async fn post_signed(http: &reqwest::Client, url: &str, body: &str) -> (u16,
         .header(webhook::TIMESTAMP_HEADER, ts)
         .body(body.to_owned())
         .send()
-        .await
-        .expect("ingest answers");
+        .await?;
     let status = response.status().as_u16();
     let json = response.json().await.unwrap_or(Value::Null);
-    (status, json)
+    Ok((status, json))
 }
 
 /// A webhook body for `client`/`creditor` with `amount`, unique webhook id `n`.
