@@ -235,7 +235,12 @@ go_version_ok() { # prints the found version; succeeds if >= GO_MIN
 }
 
 ferret_bin_ok() {
-    [ -x "$FERRET_BIN" ] && "$FERRET_BIN" --version 2>/dev/null | grep -q "version: $FERRET_VERSION"
+    # Captured, not piped into `grep -q`: grep exits at the first line, and the
+    # next line's write then kills ferretdb with SIGPIPE, which pipefail reports
+    # as a failed --version (about 3% of runs).
+    local out
+    [ -x "$FERRET_BIN" ] && out="$("$FERRET_BIN" --version 2>/dev/null)" &&
+        [[ "$out" == *"version: $FERRET_VERSION"* ]]
 }
 
 build_ferretdb() {
@@ -291,7 +296,9 @@ ferret_pid() { # prints the pid from the pidfile if that process is our ferretdb
     pid="$(cat "$FERRET_PIDFILE" 2>/dev/null || true)"
     [[ "$pid" =~ ^[0-9]+$ ]] || return 1
     kill -0 "$pid" 2>/dev/null || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q ferretdb || return 1
+    local cmdline
+    cmdline="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" || return 1
+    [[ "$cmdline" == *ferretdb* ]] || return 1
     printf '%s' "$pid"
 }
 
