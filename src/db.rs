@@ -22,10 +22,14 @@ pub fn pg_config(config: &DatabaseConfig) -> anyhow::Result<tokio_postgres::Conf
         pg.application_name("outboxd");
     }
     if config.statement_timeout_ms > 0 {
-        pg.options(format!(
-            "-c statement_timeout={}",
-            config.statement_timeout_ms
-        ));
+        // Added to the URL's own `options` (a search_path, say), not in their place;
+        // coming last, it wins over a statement_timeout given there.
+        let timeout = format!("-c statement_timeout={}", config.statement_timeout_ms);
+        let options = match pg.get_options() {
+            Some(given) if !given.trim().is_empty() => format!("{given} {timeout}"),
+            _ => timeout,
+        };
+        pg.options(options);
     }
     Ok(pg)
 }

@@ -243,3 +243,32 @@ fn secrets_never_appear_in_errors() {
     );
     assert!(!all.contains("hunter2secret"), "{all}");
 }
+
+#[tokio::test]
+async fn options_in_the_database_url_are_kept_beside_the_statement_timeout() {
+    let env = TestEnv::new().await;
+    let mut config = env.config();
+    let sep = if env.database_url.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    config.database.url = format!(
+        "{}{sep}options=-c%20search_path%3Dcreditors%2Cpublic%20-c%20statement_timeout%3D9",
+        env.database_url
+    )
+    .into();
+    config.database.statement_timeout_ms = 1234;
+    let pool = outboxd::db::pool(&config.database).unwrap();
+    let client = pool.get().await.unwrap();
+    let show = |name: &'static str| {
+        let client = &client;
+        async move {
+            let row = client.query_one(&format!("SHOW {name}"), &[]).await;
+            row.unwrap().get::<_, String>(0)
+        }
+    };
+    assert_eq!(show("search_path").await, "creditors,public");
+    // The configured timeout comes last, so it wins over the URL's.
+    assert_eq!(show("statement_timeout").await, "1234ms");
+}
