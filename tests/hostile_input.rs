@@ -1451,7 +1451,13 @@ async fn hostile_input_campaign() {
     // 5. Still serving, nothing panicked, and rows only for what was accepted.
     let alive = !ingest.handle.is_finished();
     let health = healthz(addr).await;
-    let after = signed_post(&http, &ingest.url(), &base(4_000_000).to_string()).await;
+    // A new client: `http`'s pooled connection has idled about as long as the header
+    // timeout, and the server may close it just as it is reused.
+    let fresh = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let after = signed_post(&fresh, &ingest.url(), &base(4_000_000).to_string()).await;
     let emails = env.count("SELECT count(*) FROM incoming_emails").await;
     let outbox = env.count("SELECT count(*) FROM outbox_messages").await;
     let keys = env.count("SELECT count(*) FROM idempotency_keys").await;
