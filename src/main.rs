@@ -9,6 +9,7 @@ use outboxd::{check, ingest, migrate_cmd, ops, relay, shutdown, sign, telemetry}
 
 // jemalloc: about 10% fewer instructions per webhook than glibc's malloc, and
 // a smaller relay RSS (docs/benchmarks.md).
+#[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
