@@ -1,6 +1,7 @@
 //! One worker loop: claim a batch, apply it to MongoDB, mark each row.
 //!
-//! `run_batch` returns `Ok(Some(n))` when it handled `n` rows (go on at once),
+//! `run_batch` returns `Ok(Some(n))` when it handled `n` rows (go on at once
+//! after a full batch; after a partial one, wait for a wake-up or a short pause),
 //! `Ok(None)` when nothing was due (wait for a wake-up, the next due row, or the
 //! poll interval), and `Err` when PostgreSQL failed (back off, then try again).
 
@@ -67,11 +68,16 @@ pub async fn run(
                 rows,
             })) => {
                 backoff = schedule();
-                // A full batch suggests more is due: bring in an idle worker.
                 if rows as i64 >= shared.config.batch_size {
+                    // More is likely due: go on, and bring in an idle worker.
                     nudge.notify_one();
+                    continue;
                 }
-                continue;
+                // The claim took all it could: rows committed since come with a
+                // NOTIFY. Claiming again at once mostly finds nothing, at the cost
+                // of PostgreSQL time the other processes need; the pause bounds
+                // the wait for rows skipped because their aggregate was busy.
+                Some(BUSY_RETRY)
             }
             Ok(Some(Progress {
                 mongo_down: true, ..
