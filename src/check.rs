@@ -58,10 +58,9 @@ async fn mongodb(config: &Config) -> anyhow::Result<String> {
         .timeout_ms
         .min(CHECK_TIMEOUT.as_millis() as u64 - 500);
     let sink = mongo::connect(&mongo_config).await?;
-    let version = sink
-        .server_version()
-        .await
-        .map_err(|e| anyhow::anyhow!("unreachable: {}", mongo::redact(&e)))?;
+    let version = sink.server_version().await;
+    sink.shutdown().await;
+    let version = version.map_err(|e| anyhow::anyhow!("unreachable: {}", mongo::redact(&e)))?;
     Ok(format!(
         "server {version}, database {}, collection {}",
         sink.database().name(),

@@ -31,6 +31,7 @@ const TRANSIENT_CODES: &[i32] = &[
 /// A connected sink: the database named in the URL and the target collection.
 #[derive(Clone)]
 pub struct Sink {
+    client: Client,
     db: Database,
     collection: String,
     timeout: Duration,
@@ -67,6 +68,7 @@ pub async fn connect(config: &MongoConfig) -> anyhow::Result<Sink> {
     let client = Client::with_options(options).context("cannot create the MongoDB client")?;
     Ok(Sink {
         db: client.database(&db_name),
+        client,
         collection: config.collection.clone(),
         timeout,
     })
@@ -92,6 +94,14 @@ impl Sink {
     /// How long one call may take before it counts as unanswered.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// Ends the driver's sessions and background tasks while the runtime still
+    /// runs. Left to `Drop`, that clean-up races the runtime's own shutdown, and
+    /// the driver can panic as the process exits.
+    pub async fn shutdown(&self) {
+        let done = self.client.clone().shutdown().immediate(true);
+        let _ = tokio::time::timeout(self.timeout.min(Duration::from_secs(1)), done).await;
     }
 
     /// A round trip to the server.

@@ -183,8 +183,19 @@ pub async fn audit(
     since: Option<DateTime<Utc>>,
     repair: bool,
 ) -> anyhow::Result<u8> {
-    let client = client(config).await?;
     let sink = mongo::connect(&config.mongodb).await?;
+    let result = audit_with(config, &sink, since, repair).await;
+    sink.shutdown().await;
+    result
+}
+
+async fn audit_with(
+    config: &Config,
+    sink: &mongo::Sink,
+    since: Option<DateTime<Utc>>,
+    repair: bool,
+) -> anyhow::Result<u8> {
+    let client = client(config).await?;
     let collection = sink
         .database()
         .collection::<Document>(sink.collection_name());

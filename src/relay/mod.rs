@@ -106,6 +106,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     watchdog.abort();
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+    shared.sink.shutdown().await;
     tracing::info!(relay_id = %relay_id, "relay stopped");
     Ok(())
 }
