@@ -1,10 +1,14 @@
--- The relay's claim (src/outbox.rs `claim`), mark (`mark_synced`) and unlock, as a pgbench script.
+-- The relay's claim (src/outbox.rs `claim`), mark (`mark_synced`) and unlock, as a
+-- pgbench script for run.sh. :guard and :email (true/false) keep or leave out the
+-- claim's aggregate guard and the mark's e-mail update; pgbench substitutes them as
+-- text, so the planner folds a left-out part away.
 WITH due AS (
     SELECT id FROM outbox_messages
     WHERE status = 'pending' AND next_attempt_at <= now()
-      AND NOT EXISTS (SELECT 1 FROM outbox_messages busy
+      AND (NOT :guard OR (
+          NOT EXISTS (SELECT 1 FROM outbox_messages busy
                       WHERE busy.aggregate_id = outbox_messages.aggregate_id AND busy.status = 'processing')
-      AND pg_try_advisory_lock(28514, hashtext(aggregate_id))
+          AND pg_try_advisory_lock(28514, hashtext(aggregate_id))))
     ORDER BY id LIMIT :lim
     FOR UPDATE SKIP LOCKED),
 c AS (
@@ -24,6 +28,6 @@ WITH done AS (
     RETURNING id, email_id, extract(epoch FROM synced_at - created_at)::float8 AS lag),
 emails AS (
     UPDATE incoming_emails SET sync_status = 'synced'
-    WHERE id IN (SELECT email_id FROM done) AND sync_status <> 'synced')
+    WHERE :email AND id IN (SELECT email_id FROM done) AND sync_status <> 'synced')
 SELECT id, lag FROM done;
 SELECT pg_advisory_unlock_all();

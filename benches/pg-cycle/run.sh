@@ -3,16 +3,19 @@
 # a fresh backlog of N rows (one aggregate per row), then the relay's claim and
 # mark looped under pgbench (one client), summing the CPU of every PostgreSQL
 # process. Services as for `make test`.
-#   benches/pg-cycle/run.sh [SQL]   SQL: cycle.sql (default), cycle-no-guard.sql
-#                                   (no aggregate guard), cycle-no-email.sql
-#   N=30000 (rows), LIM=100 (batch size)
+#   benches/pg-cycle/run.sh
+#   N=30000 (rows), LIM=100 (batch size), GUARD=0 (leave out the claim's aggregate
+#   guard), EMAIL=0 (leave out the mark's e-mail update)
 # The statements mirror src/outbox.rs (claim, mark_synced, unlock_aggregates);
 # sessions run with synchronous_commit off, so WAL flushes are left out.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here/../.."
 eval "$(scripts/services.sh 2>/dev/null)"
-sql="$here/${1:-cycle.sql}"
+sql="$here/cycle.sql"
+on_off() { [ "$1" = 0 ] && echo false || echo true; }
+guard="$(on_off "${GUARD:-1}")"
+email="$(on_off "${EMAIL:-1}")"
 n="${N:-30000}"
 lim="${LIM:-100}"
 bin="${CARGO_TARGET_DIR:-target}/release/outboxd"
@@ -42,7 +45,8 @@ print(total)
 PY
 }
 c0="$(pg_cpu)"
-PGOPTIONS="-c synchronous_commit=off" "$pgbin/pgbench" -n -r -c 1 -t $((n / lim)) -D lim="$lim" -f "$sql" "$url" |
+PGOPTIONS="-c synchronous_commit=off" "$pgbin/pgbench" -n -r -c 1 -t $((n / lim)) -D lim="$lim" -D guard="$guard" -D email="$email" \
+    -f "$sql" "$url" |
     grep -E "latency average|^ +[0-9]"
 c1="$(pg_cpu)"
-python3 -c "print(f'PostgreSQL CPU per row: {($c1 - $c0) / $n * 1e6:.1f} µs ($n rows, batches of $lim, $(basename "$sql"))')"
+python3 -c "print(f'PostgreSQL CPU per row: {($c1 - $c0) / $n * 1e6:.1f} µs ($n rows, batches of $lim, guard $guard, e-mail update $email)')"
