@@ -1261,7 +1261,7 @@ async fn phase_lag(
                 "pipeline_max": pipeline.map(|p| json!({
                     "rps": rnd(p.0, 1), "accepted_rps": rnd(p.1, 1), "synced_rps": rnd(p.2, 1),
                     "seconds": plan.pipeline_secs,
-                    "definition": "ingest under a closed loop of 32 connections with the relay(s) running: min(202s/s, rows synced/s) over the window",
+                    "definition": "ingest under a closed loop of 32 connections with the relay(s) running: min(webhooks accepted/s, rows synced/s) over the window",
                 })),
                 "half_of_standalone_min_rps": opt(standalone.map(|m| m / 2.0), 1),
                 "offered_rps": rnd(rate, 1),
