@@ -9,7 +9,7 @@ use tokio_postgres::Client;
 pub const MIGRATIONS: &[(i32, &str, &str)] = include!(concat!(env!("OUT_DIR"), "/migrations.rs"));
 
 /// Serialises concurrent `outboxd migrate` runs on one database.
-const LOCK_KEY: i64 = 0x6f75_7462_6f78_6d67; // "outboxmg"
+pub const LOCK_KEY: i64 = 0x6f75_7462_6f78_6d67; // "outboxmg"
 
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
     version    integer PRIMARY KEY,
@@ -28,6 +28,13 @@ fn checksum(sql: &str) -> String {
 
 /// Applies pending migrations; returns the names of those applied now.
 pub async fn run(client: &mut Client) -> anyhow::Result<Vec<String>> {
+    // The daemons' statement timeout is not for this session: another host's
+    // migrate may hold the lock for a while, and a file's DDL (an index on a
+    // large outbox) may take minutes.
+    client
+        .batch_execute("SET statement_timeout = 0")
+        .await
+        .context("cannot set up the migration session")?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
         .await

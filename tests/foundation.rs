@@ -60,6 +60,46 @@ impl Drop for EmptyDb {
 }
 
 #[tokio::test]
+async fn migrate_waits_for_the_lock_beyond_the_statement_timeout() {
+    let db = EmptyDb::new().await;
+    let mut env = db.env();
+    env.push((
+        "OUTBOXD__DATABASE__STATEMENT_TIMEOUT_MS".into(),
+        "200".into(),
+    ));
+    // Another host's migrate, holding the lock for longer than the timeout.
+    let (holder, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    holder
+        .execute(
+            "SELECT pg_advisory_lock($1)",
+            &[&outboxd::migrate::LOCK_KEY],
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let migrate = std::thread::spawn(move || outboxd(&["migrate"], &env));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    holder
+        .execute(
+            "SELECT pg_advisory_unlock($1)",
+            &[&outboxd::migrate::LOCK_KEY],
+        )
+        .await
+        .unwrap();
+    let out = migrate.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("schema is now at version"));
+}
+
+#[tokio::test]
 async fn migrate_twice_is_a_no_op_and_concurrent_migrates_are_safe() {
     let db = EmptyDb::new().await;
     let env = db.env();
