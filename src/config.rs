@@ -173,6 +173,12 @@ fn expose<S: serde::Serializer>(secret: &SecretString, s: S) -> Result<S::Ok, S:
     s.serialize_str(secret.expose_secret())
 }
 
+/// A configuration problem found after loading, such as a missing secret. The
+/// process exits 78 (EX_CONFIG) on it, as on an error from `Config::load`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
 impl Config {
     /// Loads the layers in order; an error names the offending key and its source.
     pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
@@ -257,8 +263,13 @@ impl Config {
     }
 
     /// The webhook secret: `OUTBOXD_WEBHOOK_SECRET`, then `ingest.webhook_secret_file`,
-    /// then the systemd credential `webhook-secret`.
+    /// then the systemd credential `webhook-secret`. Failing is a configuration error.
     pub fn webhook_secret(&self) -> anyhow::Result<SecretString> {
+        self.find_webhook_secret()
+            .map_err(|e| Invalid(format!("{e:#}")).into())
+    }
+
+    fn find_webhook_secret(&self) -> anyhow::Result<SecretString> {
         if let Ok(secret) = std::env::var("OUTBOXD_WEBHOOK_SECRET")
             && !secret.is_empty()
         {

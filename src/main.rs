@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use outboxd::cli::{Cli, Command};
-use outboxd::config::Config;
+use outboxd::config::{self, Config};
 use outboxd::{check, ingest, migrate_cmd, ops, relay, shutdown, sign, telemetry};
 
 // jemalloc: about 10% fewer instructions per webhook than glibc's malloc, and
@@ -44,7 +44,10 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("outboxd: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<config::Invalid>() {
+                Some(_) => ExitCode::from(78),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

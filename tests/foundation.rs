@@ -254,7 +254,7 @@ fn ingest_refuses_to_start_without_a_secret() {
         .env_remove("CREDENTIALS_DIRECTORY")
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(78), "a configuration error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("no webhook secret"));
 }
 
