@@ -23,10 +23,12 @@ use crate::money::Amount;
 use crate::outbox::Claimed;
 
 const DUPLICATE_KEY: i32 = 11000;
-/// Server error codes that mean "try again later" (not primary, shutting down, timeouts).
-const TRANSIENT_CODES: &[i32] = &[
-    6, 7, 50, 89, 91, 112, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436,
-];
+/// Server error codes that reject the document itself, so retrying cannot help:
+/// bad values and types, bad field names, `_id` problems, validation, size.
+/// Every other code is retried with backoff, and fails the row only after
+/// `relay.max_attempts`: FerretDB answers a failure of its own backend with
+/// code 1, and a permissions mistake is code 13; neither may fail a backlog.
+const REJECTED_CODES: &[i32] = &[2, 14, 22, 28, 30, 52, 53, 55, 56, 57, 66, 121, 10334, 17280];
 
 /// A connected sink: the database named in the URL and the target collection.
 #[derive(Clone)]
@@ -312,12 +314,12 @@ fn write_errors(reply: &Document) -> (HashMap<usize, (i32, String)>, Option<Stri
 
 /// The outcome of a per-document write error other than a duplicate key.
 fn rejected(code: i32, message: &str) -> Outcome {
-    if TRANSIENT_CODES.contains(&code) {
-        Outcome::Transient(format!("MongoDB error {code}: {message}"))
-    } else {
+    if REJECTED_CODES.contains(&code) {
         Outcome::Permanent(format!(
             "MongoDB rejected the document (code {code}): {message}"
         ))
+    } else {
+        Outcome::Transient(format!("MongoDB error {code}: {message}"))
     }
 }
 
@@ -363,11 +365,12 @@ pub fn document(row: &Claimed) -> Result<Document, String> {
     })
 }
 
-/// Command-level failures: network, selection timeout and server state are transient.
+/// Command-level failures: transient unless the server rejected the document, or
+/// the driver could not encode it.
 fn classify(err: &MongoError) -> Outcome {
     let text = redact(err);
     let transient = match &*err.kind {
-        ErrorKind::Command(c) => TRANSIENT_CODES.contains(&c.code),
+        ErrorKind::Command(c) => !REJECTED_CODES.contains(&c.code),
         ErrorKind::Write(_)
         | ErrorKind::InvalidArgument { .. }
         | ErrorKind::BsonSerialization(_) => false,
@@ -377,5 +380,28 @@ fn classify(err: &MongoError) -> Outcome {
         Outcome::Transient(text)
     } else {
         Outcome::Permanent(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_rejected_document_fails_at_once() {
+        // FerretDB's backend failing (1), permissions (13), no primary (10107).
+        for code in [1, 13, 10107, 11600, 99999] {
+            assert!(
+                matches!(rejected(code, "x"), Outcome::Transient(_)),
+                "{code}"
+            );
+        }
+        // Validation, bad field name, too large.
+        for code in [121, 52, 10334] {
+            assert!(
+                matches!(rejected(code, "x"), Outcome::Permanent(_)),
+                "{code}"
+            );
+        }
     }
 }
