@@ -285,7 +285,7 @@ fn secrets_never_appear_in_errors() {
 }
 
 #[tokio::test]
-async fn options_in_the_database_url_are_kept_beside_the_statement_timeout() {
+async fn options_in_the_database_url_are_kept_beside_the_timeout_and_keepalives() {
     let env = TestEnv::new().await;
     let mut config = env.config();
     let sep = if env.database_url.contains('?') {
@@ -294,7 +294,7 @@ async fn options_in_the_database_url_are_kept_beside_the_statement_timeout() {
         '?'
     };
     config.database.url = format!(
-        "{}{sep}options=-c%20search_path%3Dcreditors%2Cpublic%20-c%20statement_timeout%3D9",
+        "{}{sep}options=-c%20search_path%3Dcreditors%2Cpublic%20-c%20statement_timeout%3D9%20-c%20tcp_keepalives_count%3D7",
         env.database_url
     )
     .into();
@@ -311,4 +311,8 @@ async fn options_in_the_database_url_are_kept_beside_the_statement_timeout() {
     assert_eq!(show("search_path").await, "creditors,public");
     // The configured timeout comes last, so it wins over the URL's.
     assert_eq!(show("statement_timeout").await, "1234ms");
+    // The server detects a dead client within seconds, not hours; the URL's own
+    // keepalive settings win over outboxd's.
+    assert_eq!(show("tcp_keepalives_idle").await, "10");
+    assert_eq!(show("tcp_keepalives_count").await, "7");
 }
