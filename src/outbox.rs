@@ -255,7 +255,8 @@ pub async fn mark_attempt_failed(
             UPDATE outbox_messages
             SET attempts = attempts + 1,
                 status = CASE WHEN $5 OR attempts + 1 >= $6 THEN 'failed' ELSE 'pending' END,
-                next_attempt_at = now() + least($8::float8, $7::float8 * power(2, attempts))
+                -- Capped exponent: 2^1024 overflows float8, and 2^60 times even 1 ms outlasts any cap.
+                next_attempt_at = now() + least($8::float8, $7::float8 * power(2, least(attempts, 60)))
                                   * (0.5 + random() / 2) * interval '1 millisecond',
                 last_error = $4, locked_by = NULL, locked_until = NULL, updated_at = now()
             WHERE id = ANY($1) AND status = 'processing' AND locked_by = $2 AND locked_until = $3
