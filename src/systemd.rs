@@ -15,17 +15,29 @@ pub fn stopping() {
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
 }
 
-/// The main loop's last turn, in unix seconds; the watchdog only pets while it is fresh.
-#[derive(Clone, Default)]
-pub struct Heartbeat(Arc<AtomicU64>);
+/// The main loop's last sign of progress, in unix seconds; the watchdog only pets
+/// while it is younger than the watchdog interval and than `stale_after`, the
+/// longest step the loop may legitimately take.
+#[derive(Clone)]
+pub struct Heartbeat {
+    last: Arc<AtomicU64>,
+    stale_after: Duration,
+}
 
 impl Heartbeat {
+    pub fn new(stale_after: Duration) -> Self {
+        Heartbeat {
+            last: Arc::default(),
+            stale_after,
+        }
+    }
+
     pub fn beat(&self) {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
-        self.0.store(now, Ordering::Relaxed);
+        self.last.store(now, Ordering::Relaxed);
         metrics::gauge!("outboxd_relay_heartbeat_timestamp_seconds").set(now as f64);
     }
 
@@ -34,7 +46,7 @@ impl Heartbeat {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
-        Duration::from_secs(now.saturating_sub(self.0.load(Ordering::Relaxed)))
+        Duration::from_secs(now.saturating_sub(self.last.load(Ordering::Relaxed)))
     }
 }
 
@@ -54,7 +66,10 @@ pub fn spawn_watchdog(
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if heartbeat.as_ref().is_none_or(|h| h.age() < interval) {
+            if heartbeat
+                .as_ref()
+                .is_none_or(|h| h.age() < interval.max(h.stale_after))
+            {
                 let _ = sd_notify::notify(&[NotifyState::Watchdog]);
             }
         }

@@ -152,7 +152,7 @@ async fn rows_too_late_for_their_lease_go_back_unwritten_and_uncounted() {
         sink: mongo::connect(&config.mongodb).await.unwrap(),
         postgres: outboxd::relay::health::Health::new("PostgreSQL"),
         mongodb: outboxd::relay::health::Health::new("MongoDB"),
-        heartbeat: Default::default(),
+        heartbeat: outboxd::systemd::Heartbeat::new(Duration::from_secs(11)),
     };
     let progress = outboxd::relay::worker::run_batch(&shared).await.unwrap();
     assert_eq!(progress.map(|p| p.rows()), Some(3));
@@ -323,6 +323,34 @@ async fn a_killed_listener_delays_rows_by_at_most_the_poll_interval() {
         "listener back"
     );
     assert!(r.log_text().contains("LISTEN connection lost"));
+}
+
+#[tokio::test]
+async fn a_pool_of_one_connection_still_claims_and_marks() {
+    // Marks go over the claim's own connection: a worker never waits for a
+    // second one, so workers do not starve however small the pool.
+    let env = TestEnv::new().await;
+    env.seed(300, 30).await;
+    let _r = relay(
+        &env,
+        "pool1",
+        &[
+            ("OUTBOXD__DATABASE__POOL_SIZE", "1"),
+            ("OUTBOXD__DATABASE__POOL_WAIT_MS", "500"),
+            ("OUTBOXD__RELAY__WORKERS", "2"),
+            ("OUTBOXD__RELAY__BATCH_SIZE", "20"),
+        ],
+    );
+    assert!(
+        env.wait_synced(Duration::from_secs(30)).await,
+        "all rows synced"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox_messages WHERE attempts > 0")
+            .await,
+        0,
+        "no mark was missed"
+    );
 }
 
 #[tokio::test]

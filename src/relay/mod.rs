@@ -35,6 +35,14 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     let relay_id = config.relay.id.clone().unwrap_or_else(default_id);
     let metrics = crate::telemetry::init_metrics(&[("relay_id", &relay_id)]);
     let pool = db::pool(&config.database)?;
+    if config.database.pool_size < config.relay.workers + 2 {
+        // Each worker holds one connection per batch; rescue and clean-up one each.
+        tracing::warn!(
+            pool_size = config.database.pool_size,
+            workers = config.relay.workers,
+            "database.pool_size is below relay.workers + 2: workers will wait for connections"
+        );
+    }
     let sink = mongo::connect(&config.mongodb).await?;
     let shared = Arc::new(Shared {
         relay_id: relay_id.clone(),
@@ -43,7 +51,9 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         sink,
         postgres: Health::new("PostgreSQL"),
         mongodb: Health::new("MongoDB"),
-        heartbeat: Heartbeat::default(),
+        // A worker beats between steps; the longest, a batch's writes, ends with
+        // its lease.
+        heartbeat: Heartbeat::new(Duration::from_secs(config.relay.lease_s + 10)),
     });
     shared.heartbeat.beat();
     metrics::gauge!("outboxd_relay_listener_connected").set(0.0);
@@ -69,6 +79,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         config.relay.poll_interval_ms,
         background.clone(),
     ));
+    tasks.spawn(rescue(shared.clone(), background.clone()));
     tasks.spawn(housekeeping(shared.clone(), background.clone()));
     let workers = TaskTracker::new();
     for wake in &wakers {
@@ -86,27 +97,35 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
 
     shutdown.cancelled().await;
     systemd::stopping();
+    // The workers get the timeout less a tail, in which the rows still held are
+    // given back and the helpers and the driver close: all within the timeout.
     let timeout = Duration::from_secs(config.relay.shutdown_timeout_s);
-    if tokio::time::timeout(timeout, workers.wait()).await.is_err() {
+    let step = (timeout / 6).min(Duration::from_secs(1));
+    if tokio::time::timeout(timeout - 3 * step, workers.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown timeout: releasing the rows still held");
         // A worker still applying may finish later; its mark then finds no lease.
-        match pool.get().await {
-            Ok(client) => match outbox::release(&client, &relay_id, None).await {
-                Ok(n) => tracing::info!(released = n, "rows given back"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not release rows; their leases will expire")
-                }
-            },
-            Err(e) => {
+        let released = tokio::time::timeout(step, async {
+            outbox::release(&pool.get().await?, &relay_id, None)
+                .await
+                .map_err(anyhow::Error::from)
+        })
+        .await;
+        match released {
+            Ok(Ok(n)) => tracing::info!(released = n, "rows given back"),
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "could not release rows; their leases will expire")
             }
+            Err(_) => tracing::warn!("could not release rows in time; their leases will expire"),
         }
     }
     background.cancel();
     watchdog.abort();
     tasks.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
-    shared.sink.shutdown().await;
+    let _ = tokio::time::timeout(step, tasks.wait()).await;
+    let _ = tokio::time::timeout(step, shared.sink.shutdown()).await;
     tracing::info!(relay_id = %relay_id, "relay stopped");
     Ok(())
 }
@@ -143,24 +162,36 @@ async fn serve_metrics(
     .await;
 }
 
-/// Lease rescue (every poll interval), retention and key expiry (every
-/// housekeeping interval, in small batches), and the backlog gauges.
-async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
-    let config = &shared.config;
-    let mut rescue = tokio::time::interval(Duration::from_millis(config.poll_interval_ms));
-    let mut cleanup =
-        tokio::time::interval(Duration::from_secs(config.housekeeping_interval_s.max(1)));
+/// Lease rescue (every poll interval) and the backlog gauges. Apart from the
+/// clean-up, whose loop over a large retention backlog must not delay rescue.
+async fn rescue(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut rescue = tokio::time::interval(Duration::from_millis(shared.config.poll_interval_ms));
     let mut gauges = tokio::time::interval(Duration::from_secs(10));
     rescue.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    cleanup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = rescue.tick() => rescue_leases(&shared).await,
-            _ = cleanup.tick() => clean_up(&shared, &shutdown).await,
             _ = gauges.tick() => refresh_gauges(&shared).await,
         };
         if let Err(e) = result {
+            shared.postgres.failed(&e);
+        }
+    }
+}
+
+/// Retention and key expiry, every housekeeping interval, in small batches.
+async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut cleanup = tokio::time::interval(Duration::from_secs(
+        shared.config.housekeeping_interval_s.max(1),
+    ));
+    cleanup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = cleanup.tick() => {}
+        }
+        if let Err(e) = clean_up(&shared, &shutdown).await {
             shared.postgres.failed(&e);
         }
     }

@@ -7,11 +7,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use chrono::Utc;
-use deadpool_postgres::Pool;
+use deadpool_postgres::{Object, Pool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -118,15 +119,16 @@ async fn idle_wait(shared: &Shared, poll: Duration) -> Option<Duration> {
 pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Error> {
     let config = &shared.config;
     // While MongoDB is down, probe it instead of claiming rows only to fail them.
-    if shared.mongodb.is_down() {
-        if let Err(e) = shared.sink.ping().await {
-            shared.mongodb.failed(&mongo::redact(&e));
-            return Ok(Some(Progress {
-                rows: 0,
-                mongo_down: true,
-            }));
-        }
-        shared.mongodb.ok();
+    // A ping that answers is not the end of the outage (a server may answer but
+    // refuse writes): only a batch written without transient errors is.
+    if shared.mongodb.is_down()
+        && let Err(e) = shared.sink.ping().await
+    {
+        shared.mongodb.failed(&mongo::redact(&e));
+        return Ok(Some(Progress {
+            rows: 0,
+            mongo_down: true,
+        }));
     }
     let client = shared.pool.get().await?;
     // The lease is `now() + lease_s` on the server, so it ends no sooner than
@@ -164,6 +166,7 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
         .await;
     metrics::histogram!("outboxd_relay_apply_duration_seconds")
         .record(started.elapsed().as_secs_f64());
+    shared.heartbeat.beat();
 
     let mut applied = Vec::new();
     let mut late = Vec::new();
@@ -186,7 +189,8 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     let unanswered = outcomes
         .values()
         .any(|o| matches!(o, Outcome::Unanswered(_)));
-    let marked = mark(shared, &batch, applied, failures).await;
+    let marked = mark(shared, &client, &batch, applied, failures).await;
+    shared.heartbeat.beat();
     if !late.is_empty() {
         // Not an attempt: the rows were never sent. The next claim takes them.
         match outbox::release(&client, &shared.relay_id, Some((&late, batch.locked_until))).await {
@@ -214,15 +218,16 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
 
 /// Frees this session's aggregate locks before the connection goes back to the
 /// pool; a connection that cannot is closed instead, which frees them too.
-async fn release_locks(client: deadpool_postgres::Object) {
+async fn release_locks(client: Object) {
     if outbox::unlock_aggregates(&client).await.is_err() {
-        drop(deadpool_postgres::Object::take(client));
+        drop(Object::take(client));
     }
 }
 
 /// Records each row's outcome; retried briefly, since an unmarked row waits for its lease.
 async fn mark(
     shared: &Shared,
+    held: &Object,
     batch: &Batch,
     applied: Vec<i64>,
     failures: BTreeMap<(bool, String), Vec<i64>>,
@@ -235,14 +240,14 @@ async fn mark(
         .with_total_delay(Some(Duration::from_secs(config.lease_s / 2)));
     let rows_by_id: BTreeMap<i64, &outbox::Claimed> =
         batch.rows.iter().map(|r| (r.id, r)).collect();
+    let held_failed = AtomicBool::new(false);
 
     if !applied.is_empty() {
         let marked = (|| async {
-            let client = shared.pool.get().await?;
-            Ok::<_, anyhow::Error>(
-                outbox::mark_synced(&client, &applied, &shared.relay_id, batch.locked_until)
-                    .await?,
-            )
+            let client = connection(shared, held, &held_failed).await?;
+            let result =
+                outbox::mark_synced(&*client, &applied, &shared.relay_id, batch.locked_until).await;
+            Ok::<_, anyhow::Error>(client.check(result, &held_failed)?)
         })
         .retry(retry)
         .when(is_transient)
@@ -261,21 +266,20 @@ async fn mark(
     }
     for ((permanent, error), ids) in failures {
         let moved = (|| async {
-            let client = shared.pool.get().await?;
-            Ok::<_, anyhow::Error>(
-                outbox::mark_attempt_failed(
-                    &client,
-                    &ids,
-                    &shared.relay_id,
-                    batch.locked_until,
-                    &error,
-                    permanent,
-                    config.max_attempts,
-                    config.backoff_base_ms as f64,
-                    config.backoff_cap_ms as f64,
-                )
-                .await?,
+            let client = connection(shared, held, &held_failed).await?;
+            let result = outbox::mark_attempt_failed(
+                &*client,
+                &ids,
+                &shared.relay_id,
+                batch.locked_until,
+                &error,
+                permanent,
+                config.max_attempts,
+                config.backoff_base_ms as f64,
+                config.backoff_cap_ms as f64,
             )
+            .await;
+            Ok::<_, anyhow::Error>(client.check(result, &held_failed)?)
         })
         .retry(retry)
         .when(is_transient)
@@ -301,6 +305,51 @@ async fn mark(
         stale(shared, &ids, moved.iter().map(|m| m.0), &rows_by_id);
     }
     Ok(())
+}
+
+/// The batch's own connection, or once a statement failed on it, a pooled one.
+/// A worker thus holds a second pooled connection only after an error, and
+/// marks cannot starve for connections however many workers share the pool.
+async fn connection<'a>(
+    shared: &Shared,
+    held: &'a Object,
+    held_failed: &AtomicBool,
+) -> Result<Held<'a>, deadpool_postgres::PoolError> {
+    if held_failed.load(Ordering::Relaxed) {
+        Ok(Held::Pooled(Box::new(shared.pool.get().await?)))
+    } else {
+        Ok(Held::Batch(held))
+    }
+}
+
+enum Held<'a> {
+    Batch(&'a Object),
+    Pooled(Box<Object>),
+}
+
+impl Held<'_> {
+    /// Passes `result` on, noting a failure on the batch's connection.
+    fn check<T>(
+        &self,
+        result: Result<T, tokio_postgres::Error>,
+        held_failed: &AtomicBool,
+    ) -> Result<T, tokio_postgres::Error> {
+        if result.is_err() && matches!(self, Held::Batch(_)) {
+            held_failed.store(true, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = Object;
+
+    fn deref(&self) -> &Object {
+        match self {
+            Held::Batch(client) => client,
+            Held::Pooled(client) => client,
+        }
+    }
 }
 
 /// Rows we applied but could not mark: their lease expired and another relay took
