@@ -619,3 +619,41 @@ async fn sigterm_with_requests_in_flight_loses_none() {
         "the secret never reaches the log"
     );
 }
+
+#[tokio::test]
+async fn a_redelivery_gets_its_own_first_answer_after_its_key_was_retaken() {
+    let env = TestEnv::new().await;
+    let mut config = env.config();
+    config.ingest.idempotency_ttl_s = 1;
+    let ingest = Ingest::start(&config).await;
+    let http = reqwest::Client::new();
+    let mut w2: Value = serde_json::from_str(SAMPLE).unwrap();
+    w2["webhook_id"] = json!("evt-w2");
+    let w2 = w2.to_string();
+
+    let (status, first) = post_signed(&http, &ingest.url(), SAMPLE).await;
+    assert_eq!(status, 202, "{first}");
+    let expired = eventually(Duration::from_secs(10), || async {
+        env.count("SELECT count(*) FROM idempotency_keys WHERE expires_at <= now()")
+            .await
+            == 1
+    })
+    .await;
+    assert!(expired, "the key expires after its TTL");
+    // Same content under a new webhook id takes over the expired key.
+    let (status, second) = post_signed(&http, &ingest.url(), &w2).await;
+    assert_eq!(status, 202, "{second}");
+    assert_ne!(second["email_id"], first["email_id"]);
+
+    // Each webhook id's redelivery gets its own first answer, not the key holder's.
+    for (body, answer) in [(SAMPLE, &first), (w2.as_str(), &second)] {
+        let (status, again) = post_signed(&http, &ingest.url(), body).await;
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(again["duplicate"], true);
+        for key in ["email_id", "outbox_id", "idempotency_key", "status"] {
+            assert_eq!(again[key], answer[key], "{key}: {again} vs {answer}");
+        }
+    }
+    assert_eq!(rows(&env).await, (2, 2, 1));
+    ingest.stop().await;
+}

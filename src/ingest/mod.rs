@@ -360,6 +360,12 @@ async fn accept(app: &App, event: &webhook::Event) -> Result<(Accepted, bool), F
         match outbox::enqueue(&client, event, ttl).await {
             Ok(Some(accepted)) => return Ok((accepted, false)),
             Ok(None) => {
+                // The key's holder may be another webhook (it took over the key after
+                // this one's expired); a redelivery gets its own first answer.
+                if let Some(first) = outbox::accepted_by_webhook(&client, &event.webhook_id).await?
+                {
+                    return Ok((first, true));
+                }
                 if let Some(first) =
                     outbox::accepted_by_key(&client, &event.idempotency_key).await?
                 {
