@@ -2,7 +2,8 @@
 //!
 //! - aggregate: `{client_reference}/{creditor}`, where the creditor is its
 //!   `creditor_reference` when given, else `name:` plus its normalised name
-//!   (trimmed, inner whitespace collapsed to one space, lower-cased).
+//!   (trimmed, inner whitespace collapsed to one space, lower-cased). Ingest
+//!   refuses a reference beginning with `name:`, so the two never meet.
 //! - key: `{operation}:{aggregate_id}:{first 16 hex of sha256(canonical JSON)}`,
 //!   canonical JSON having sorted keys, no whitespace and raw UTF-8.
 

@@ -657,3 +657,57 @@ async fn a_redelivery_gets_its_own_first_answer_after_its_key_was_retaken() {
     assert_eq!(rows(&env).await, (2, 2, 1));
     ingest.stop().await;
 }
+
+#[tokio::test]
+async fn refuses_a_creditor_reference_that_could_pose_as_a_creditor_name() {
+    let env = TestEnv::new().await;
+    let ingest = Ingest::start(&env.config()).await;
+    let http = reqwest::Client::new();
+    let mut by_name: Value = serde_json::from_str(SAMPLE).unwrap();
+    by_name["creditor_debt"]
+        .as_object_mut()
+        .unwrap()
+        .remove("creditor_reference");
+    let (status, answer) = post_signed(&http, &ingest.url(), &by_name.to_string()).await;
+    assert_eq!(status, 202, "{answer}");
+
+    // Another creditor whose reference spells the first one's name-based aggregate.
+    for reference in [
+        "name:sparkasse kölnbonn",
+        "NAME:Sparkasse KölnBonn",
+        "Name:x",
+    ] {
+        let mut v: Value = serde_json::from_str(SAMPLE).unwrap();
+        v["webhook_id"] = json!(format!("evt-{reference}"));
+        v["creditor_debt"]["creditor_name"] = json!("Volksbank Irgendwo");
+        v["creditor_debt"]["creditor_reference"] = json!(reference);
+        let (status, answer) = post_signed(&http, &ingest.url(), &v.to_string()).await;
+        assert_eq!(status, 400, "{reference}: {answer}");
+        assert_eq!(answer["field"], "creditor_debt.creditor_reference");
+    }
+    // A reference merely containing `name:` is fine.
+    let mut v: Value = serde_json::from_str(SAMPLE).unwrap();
+    v["webhook_id"] = json!("evt-inner");
+    v["creditor_debt"]["creditor_reference"] = json!("K-name:1");
+    let (status, answer) = post_signed(&http, &ingest.url(), &v.to_string()).await;
+    assert_eq!(status, 202, "{answer}");
+
+    let aggregates: Vec<String> = env
+        .pg()
+        .await
+        .query("SELECT aggregate_id FROM outbox_messages ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        aggregates,
+        [
+            "MP-2026-0042/name:sparkasse kölnbonn",
+            "MP-2026-0042/K-name:1"
+        ]
+    );
+    assert_eq!(rows(&env).await, (2, 2, 2));
+    ingest.stop().await;
+}

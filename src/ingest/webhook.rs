@@ -163,6 +163,18 @@ pub fn parse(body: &[u8]) -> Result<Event, Invalid> {
         SHORT,
         false,
     )?;
+    // `name:` marks a name-based aggregate; a reference spelling one would share
+    // another creditor's document. Case-insensitive, so none even looks alike.
+    if creditor_reference
+        .as_deref()
+        .and_then(|r| r.get(..5))
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case("name:"))
+    {
+        return Err(Invalid::field(
+            "creditor_debt.creditor_reference",
+            "must not begin with \"name:\"",
+        ));
+    }
     let amount_text = match debt.get("amount") {
         None | Some(Value::Null) => {
             return Err(Invalid::field("creditor_debt.amount", "is required"));
