@@ -3,7 +3,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Map, Value, json};
 use sha2::Sha256;
@@ -49,8 +49,13 @@ pub fn verify(
     };
     let at =
         DateTime::parse_from_rfc3339(timestamp.trim()).map_err(|_| SignatureError::BadTimestamp)?;
-    let skew = (now - at.with_timezone(&Utc)).num_seconds().unsigned_abs();
-    if skew > tolerance_s {
+    // Exact durations: whole seconds would truncate 300.9 s of skew to 300.
+    let skew = (now - at.with_timezone(&Utc)).abs();
+    let tolerance = i64::try_from(tolerance_s)
+        .ok()
+        .and_then(TimeDelta::try_seconds)
+        .unwrap_or(TimeDelta::MAX);
+    if skew > tolerance {
         return Err(SignatureError::Stale);
     }
     let expected = BASE64
@@ -346,6 +351,23 @@ mod tests {
             verify(SECRET.as_bytes(), None, Some(ts), b"", now, 300),
             Err(SignatureError::Missing)
         );
+    }
+
+    #[test]
+    fn the_window_is_exact_to_the_millisecond() {
+        let ts = "2026-11-28T09:15:00Z";
+        let sig = sign(SECRET.as_bytes(), ts, b"{}");
+        let at = DateTime::parse_from_rfc3339(ts)
+            .unwrap()
+            .with_timezone(&Utc);
+        let check = |skew_ms| {
+            let now = at + TimeDelta::milliseconds(skew_ms);
+            verify(SECRET.as_bytes(), Some(&sig), Some(ts), b"{}", now, 300)
+        };
+        assert_eq!(check(300_000), Ok(()));
+        assert_eq!(check(-300_000), Ok(()));
+        assert_eq!(check(300_001), Err(SignatureError::Stale));
+        assert_eq!(check(-300_900), Err(SignatureError::Stale));
     }
 
     #[test]
