@@ -1,10 +1,11 @@
 //! The MongoDB sink: one document per aggregate, written only forwards.
 //!
-//! Each write is a guarded upsert, `{_id: agg, outbox_id: {$lt: m}}` with `$set`.
+//! Each write is a guarded upsert, `{_id: agg, outbox_id: {$not: {$gte: m}}}` with
+//! `$set` (`$lt` would never match a document without a numeric `outbox_id`).
 //! No match on an existing document means it is already at m or newer; the upsert's
 //! insert then fails with duplicate key 11000, which counts as success. Only
-//! update/upsert, `$set` and code 11000 are used, all of which MongoDB ≥ 5.0 and
-//! FerretDB 1.24 support.
+//! insert, update/upsert, `$set`, `$not`, `$gte` and code 11000 are used, all of
+//! which MongoDB ≥ 5.0 and FerretDB 1.24 support.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -249,7 +250,9 @@ impl Sink {
         let command = doc! {
             "update": &self.collection,
             "updates": [{
-                "q": { "_id": &row.aggregate_id, "outbox_id": { "$lt": row.id } },
+                // Not `$lt`: a document from before outboxd, without a numeric
+                // `outbox_id`, must match too, or it could never be written.
+                "q": { "_id": &row.aggregate_id, "outbox_id": { "$not": { "$gte": row.id } } },
                 "u": { "$set": &row.doc },
                 "upsert": true,
             }],

@@ -326,6 +326,28 @@ async fn a_killed_listener_delays_rows_by_at_most_the_poll_interval() {
 }
 
 #[tokio::test]
+async fn documents_from_before_outboxd_are_taken_over() {
+    // Documents from an earlier sync, or edited by hand, may lack `outbox_id` or
+    // hold something else in it; the outbox must still be able to write them.
+    let env = TestEnv::new().await;
+    env.docs()
+        .insert_many([
+            doc! { "_id": "C-1/K", "amount": "legacy" },
+            doc! { "_id": "C-0/K", "amount": "legacy", "outbox_id": "legacy" },
+        ])
+        .await
+        .unwrap();
+    let ids = env.seed(2, 2).await;
+    let _r = relay(&env, "legacy", &[]);
+    assert!(env.wait_synced(Duration::from_secs(30)).await);
+    for (aggregate, id) in [("C-1/K", ids[0]), ("C-0/K", ids[1])] {
+        let doc = env.doc(aggregate).await.expect("document exists");
+        assert_eq!(doc.get_i64("outbox_id"), Ok(id), "{doc}");
+        assert_ne!(doc.get_str("amount"), Ok("legacy"), "{doc}");
+    }
+}
+
+#[tokio::test]
 async fn a_pool_of_one_connection_still_claims_and_marks() {
     // Marks go over the claim's own connection: a worker never waits for a
     // second one, so workers do not starve however small the pool.
