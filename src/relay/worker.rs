@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
@@ -154,6 +153,9 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     shared.postgres.ok();
     if batch.rows.is_empty() {
         release_locks(client).await;
+        // Nothing to write: the ping that answered is all the evidence there is,
+        // and a relay still "down" would let NOTIFYs wait for the poll.
+        shared.mongodb.ok();
         return Ok(None);
     }
     let claimed = batch.rows.len();
@@ -240,14 +242,14 @@ async fn mark(
         .with_total_delay(Some(Duration::from_secs(config.lease_s / 2)));
     let rows_by_id: BTreeMap<i64, &outbox::Claimed> =
         batch.rows.iter().map(|r| (r.id, r)).collect();
-    let held_failed = AtomicBool::new(false);
 
     if !applied.is_empty() {
         let marked = (|| async {
-            let client = connection(shared, held, &held_failed).await?;
-            let result =
-                outbox::mark_synced(&*client, &applied, &shared.relay_id, batch.locked_until).await;
-            Ok::<_, anyhow::Error>(client.check(result, &held_failed)?)
+            let client = connection(shared, held).await?;
+            Ok::<_, anyhow::Error>(
+                outbox::mark_synced(&*client, &applied, &shared.relay_id, batch.locked_until)
+                    .await?,
+            )
         })
         .retry(retry)
         .when(is_transient)
@@ -266,20 +268,21 @@ async fn mark(
     }
     for ((permanent, error), ids) in failures {
         let moved = (|| async {
-            let client = connection(shared, held, &held_failed).await?;
-            let result = outbox::mark_attempt_failed(
-                &*client,
-                &ids,
-                &shared.relay_id,
-                batch.locked_until,
-                &error,
-                permanent,
-                config.max_attempts,
-                config.backoff_base_ms as f64,
-                config.backoff_cap_ms as f64,
+            let client = connection(shared, held).await?;
+            Ok::<_, anyhow::Error>(
+                outbox::mark_attempt_failed(
+                    &*client,
+                    &ids,
+                    &shared.relay_id,
+                    batch.locked_until,
+                    &error,
+                    permanent,
+                    config.max_attempts,
+                    config.backoff_base_ms as f64,
+                    config.backoff_cap_ms as f64,
+                )
+                .await?,
             )
-            .await;
-            Ok::<_, anyhow::Error>(client.check(result, &held_failed)?)
         })
         .retry(retry)
         .when(is_transient)
@@ -307,15 +310,14 @@ async fn mark(
     Ok(())
 }
 
-/// The batch's own connection, or once a statement failed on it, a pooled one.
-/// A worker thus holds a second pooled connection only after an error, and
-/// marks cannot starve for connections however many workers share the pool.
+/// The batch's own connection while it is open, else a pooled one. A worker thus
+/// holds a second pooled connection only once its own broke, and marks cannot
+/// starve for connections however many workers share the pool.
 async fn connection<'a>(
     shared: &Shared,
     held: &'a Object,
-    held_failed: &AtomicBool,
 ) -> Result<Held<'a>, deadpool_postgres::PoolError> {
-    if held_failed.load(Ordering::Relaxed) {
+    if held.is_closed() {
         Ok(Held::Pooled(Box::new(shared.pool.get().await?)))
     } else {
         Ok(Held::Batch(held))
@@ -325,20 +327,6 @@ async fn connection<'a>(
 enum Held<'a> {
     Batch(&'a Object),
     Pooled(Box<Object>),
-}
-
-impl Held<'_> {
-    /// Passes `result` on, noting a failure on the batch's connection.
-    fn check<T>(
-        &self,
-        result: Result<T, tokio_postgres::Error>,
-        held_failed: &AtomicBool,
-    ) -> Result<T, tokio_postgres::Error> {
-        if result.is_err() && matches!(self, Held::Batch(_)) {
-            held_failed.store(true, Ordering::Relaxed);
-        }
-        result
-    }
 }
 
 impl std::ops::Deref for Held<'_> {
