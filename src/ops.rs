@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -14,9 +14,14 @@ use crate::cli::RetryArgs;
 use crate::config::Config;
 use crate::{db, mongo, outbox};
 
-async fn client(config: &Config) -> anyhow::Result<deadpool_postgres::Object> {
+/// One connection. `bulk` commands run without `database.statement_timeout_ms`:
+/// requeueing after a long outage, or auditing a week of rows, may outlast it.
+async fn client(config: &Config, bulk: bool) -> anyhow::Result<deadpool_postgres::Object> {
     let mut database = config.database.clone();
     database.pool_size = 1;
+    if bulk {
+        database.statement_timeout_ms = 0;
+    }
     db::pool(&database)?
         .get()
         .await
@@ -125,7 +130,7 @@ fn render(s: &Value, rates: Option<(f64, f64)>) -> String {
 
 /// `outboxd status`: exit 0, or 2 when rows have failed.
 pub async fn status(config: &Config, as_json: bool, watch: bool) -> anyhow::Result<u8> {
-    let client = client(config).await?;
+    let client = client(config, false).await?;
     if !watch {
         let s = snapshot(&client).await?;
         if as_json {
@@ -135,26 +140,26 @@ pub async fn status(config: &Config, as_json: bool, watch: bool) -> anyhow::Resu
         }
         return Ok(if failed_rows(&s) > 0 { 2 } else { 0 });
     }
-    let mut previous: Option<(Instant, i64, i64)> = None;
+    // The synced rate counts rows by `synced_at`, on the server's clock: the
+    // synced count also falls as retention deletes old rows.
+    let mut previous: Option<(DateTime<Utc>, i64)> = None;
+    let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
     loop {
         let s = snapshot(&client).await?;
-        let now = Instant::now();
-        let (synced, pending) = (
-            s["counts"]["synced"].as_i64().unwrap_or(0),
-            s["counts"]["pending"].as_i64().unwrap_or(0),
-        );
-        let rates = previous.map(|(at, sy, pe)| {
-            let dt = now.duration_since(at).as_secs_f64().max(1e-3);
-            ((synced - sy) as f64 / dt, (pending - pe) as f64 / dt)
+        let (newly_synced, now) = outbox::synced_since(&client, previous.map(|p| p.0)).await?;
+        let pending = s["counts"]["pending"].as_i64().unwrap_or(0);
+        let rates = previous.map(|(at, pe)| {
+            let dt = ((now - at).as_seconds_f64()).max(1e-3);
+            (newly_synced as f64 / dt, (pending - pe) as f64 / dt)
         });
-        previous = Some((now, synced, pending));
+        previous = Some((now, pending));
         print!(
             "\x1b[2J\x1b[H{}  (refreshing every second; Ctrl-C to stop)\n\n{}",
             Utc::now().format("%H:%M:%S"),
             render(&s, rates)
         );
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(0),
+            _ = &mut ctrl_c => return Ok(0),
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
@@ -162,7 +167,7 @@ pub async fn status(config: &Config, as_json: bool, watch: bool) -> anyhow::Resu
 
 /// `outboxd retry`: requeues failed rows and says how many.
 pub async fn retry(config: &Config, args: &RetryArgs) -> anyhow::Result<u8> {
-    let client = client(config).await?;
+    let client = client(config, true).await?;
     let ids = (!args.id.is_empty()).then_some(args.id.as_slice());
     let n = outbox::requeue_failed(&client, ids, args.failed_since).await?;
     if n > 0 {
@@ -195,7 +200,7 @@ async fn audit_with(
     since: Option<DateTime<Utc>>,
     repair: bool,
 ) -> anyhow::Result<u8> {
-    let client = client(config).await?;
+    let client = client(config, true).await?;
     let collection = sink
         .database()
         .collection::<Document>(sink.collection_name());
@@ -270,7 +275,8 @@ async fn audit_with(
             "requeued {requeued} row{}",
             if requeued == 1 { "" } else { "s" }
         );
-        return Ok(0);
+        // A row that retention deleted meanwhile could not be requeued.
+        return Ok(if (requeued as usize) < bad { 1 } else { 0 });
     }
     Ok(if bad > 0 { 1 } else { 0 })
 }

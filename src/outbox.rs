@@ -384,16 +384,24 @@ pub async fn delete_expired_keys(client: &impl GenericClient, limit: i64) -> Res
         .await
 }
 
-/// Rows per status, for the gauges and `outboxd status`.
+/// Rows per status, for `outboxd status`. Each count names its status as a
+/// constant, so that it reads that status's partial index: a status given as a
+/// parameter or a column makes every count scan the whole table.
 pub async fn counts(client: &impl GenericClient) -> Result<Vec<(String, i64)>, Error> {
-    let rows = client
-        .query(
-            "SELECT s, (SELECT count(*) FROM outbox_messages WHERE status = s)
-             FROM unnest(ARRAY['pending', 'processing', 'synced', 'failed']) AS s",
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM outbox_messages WHERE status = 'pending'),
+                    (SELECT count(*) FROM outbox_messages WHERE status = 'processing'),
+                    (SELECT count(*) FROM outbox_messages WHERE status = 'synced'),
+                    (SELECT count(*) FROM outbox_messages WHERE status = 'failed')",
             &[],
         )
         .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(["pending", "processing", "synced", "failed"]
+        .iter()
+        .enumerate()
+        .map(|(i, status)| (status.to_string(), row.get(i)))
+        .collect())
 }
 
 /// Moves failed rows back to `pending` with attempts reset, and their e-mails too.
@@ -453,12 +461,31 @@ pub async fn latest_synced_page(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// Rows in the given statuses (the gauges count pending and failed only).
-pub async fn count_status(client: &impl GenericClient, status: &str) -> Result<i64, Error> {
-    let stmt = client
-        .prepare_cached("SELECT count(*) FROM outbox_messages WHERE status = $1")
+/// Rows synced after `since` (none when `None`), and the server's clock now.
+pub async fn synced_since(
+    client: &impl GenericClient,
+    since: Option<DateTime<Utc>>,
+) -> Result<(i64, DateTime<Utc>), Error> {
+    let row = client
+        .query_one(
+            "SELECT count(*), now() FROM outbox_messages
+             WHERE status = 'synced' AND synced_at > coalesce($1, now())",
+            &[&since],
+        )
         .await?;
-    Ok(client.query_one(&stmt, &[&status]).await?.get(0))
+    Ok((row.get(0), row.get(1)))
+}
+
+/// Pending and failed rows, for the relay's gauges (constant statuses, as in `counts`).
+pub async fn pending_and_failed(client: &impl GenericClient) -> Result<(i64, i64), Error> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM outbox_messages WHERE status = 'pending'),
+                    (SELECT count(*) FROM outbox_messages WHERE status = 'failed')",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
 }
 
 /// Age in seconds of the oldest pending row.

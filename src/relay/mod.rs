@@ -241,8 +241,7 @@ async fn clean_up(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Resu
 
 async fn refresh_gauges(shared: &Shared) -> anyhow::Result<()> {
     let client = shared.pool.get().await?;
-    let pending = outbox::count_status(&client, "pending").await?;
-    let failed = outbox::count_status(&client, "failed").await?;
+    let (pending, failed) = outbox::pending_and_failed(&client).await?;
     metrics::gauge!("outboxd_relay_pending_rows").set(pending as f64);
     metrics::gauge!("outboxd_relay_failed_rows").set(failed as f64);
     Ok(())
