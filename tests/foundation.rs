@@ -79,8 +79,24 @@ async fn migrate_waits_for_the_lock_beyond_the_statement_timeout() {
         )
         .await
         .unwrap();
-    let started = Instant::now();
     let migrate = std::thread::spawn(move || outboxd(&["migrate"], &env));
+    // Once migrate waits for the lock, hold it past its statement timeout.
+    let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while holder
+        .query_one(waiting, &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "migrate never waited for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     holder
         .execute(
@@ -95,7 +111,6 @@ async fn migrate_waits_for_the_lock_beyond_the_statement_timeout() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(started.elapsed() >= Duration::from_secs(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("schema is now at version"));
 }
 

@@ -712,22 +712,6 @@ async fn refuses_a_creditor_reference_that_could_pose_as_a_creditor_name() {
     ingest.stop().await;
 }
 
-/// Posts `body` signed for the timestamp `ts`.
-async fn post_signed_at(http: &reqwest::Client, url: &str, body: &str, ts: &str) -> (u16, Value) {
-    let sig = webhook::sign(SECRET.as_bytes(), ts, body.as_bytes());
-    let response = http
-        .post(url)
-        .header("content-type", "application/json")
-        .header(webhook::SIGNATURE_HEADER, sig)
-        .header(webhook::TIMESTAMP_HEADER, ts)
-        .body(body.to_owned())
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
 #[tokio::test]
 async fn refuses_a_timestamp_less_than_a_second_beyond_the_window() {
     let env = TestEnv::new().await;
@@ -738,14 +722,18 @@ async fn refuses_a_timestamp_less_than_a_second_beyond_the_window() {
             .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
     };
     // 300 s is the default tolerance; a fraction of a second past it is stale.
-    for offset_ms in [-300_300, 300_900] {
-        let body = event(1, "C-1", "K-1", "1.00");
-        let (status, answer) = post_signed_at(&http, &ingest.url(), &body, &stamp(offset_ms)).await;
-        assert_eq!(status, 401, "{offset_ms} ms: {answer}");
-    }
+    // In the past, so that the request's own latency only adds to the skew (the
+    // unit test `the_window_is_exact_to_the_millisecond` covers both sides).
+    let body = event(1, "C-1", "K-1", "1.00");
+    let (status, answer) = try_post_signed_at(&http, &ingest.url(), &body, &stamp(-300_300))
+        .await
+        .unwrap();
+    assert_eq!(status, 401, "{answer}");
     assert_eq!(rows(&env).await, (0, 0, 0));
     let body = event(2, "C-2", "K-2", "1.00");
-    let (status, answer) = post_signed_at(&http, &ingest.url(), &body, &stamp(-299_000)).await;
+    let (status, answer) = try_post_signed_at(&http, &ingest.url(), &body, &stamp(-290_000))
+        .await
+        .unwrap();
     assert_eq!(status, 202, "inside the window: {answer}");
     assert_eq!(rows(&env).await, (1, 1, 1));
     ingest.stop().await;

@@ -262,8 +262,17 @@ pub async fn try_post_signed(
     url: &str,
     body: &str,
 ) -> Result<(u16, Value), reqwest::Error> {
-    let ts = now_stamp();
-    let sig = webhook::sign(SECRET.as_bytes(), &ts, body.as_bytes());
+    try_post_signed_at(http, url, body, &now_stamp()).await
+}
+
+/// As `try_post_signed`, with the signature timestamp `ts`.
+pub async fn try_post_signed_at(
+    http: &reqwest::Client,
+    url: &str,
+    body: &str,
+    ts: &str,
+) -> Result<(u16, Value), reqwest::Error> {
+    let sig = webhook::sign(SECRET.as_bytes(), ts, body.as_bytes());
     let response = http
         .post(url)
         .header("content-type", "application/json")
