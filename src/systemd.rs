@@ -15,9 +15,9 @@ pub fn stopping() {
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
 }
 
-/// The main loop's last sign of progress, in unix seconds; the watchdog only pets
-/// while it is younger than the watchdog interval and than `stale_after`, the
-/// longest step the loop may legitimately take.
+/// The main loop's last sign of progress, in unix seconds. The watchdog pets
+/// while it is younger than the larger of the watchdog interval and
+/// `stale_after`, the longest step the loop may legitimately take.
 #[derive(Clone)]
 pub struct Heartbeat {
     last: Arc<AtomicU64>,
@@ -51,7 +51,9 @@ impl Heartbeat {
 }
 
 /// Sends WATCHDOG=1 at half the configured interval, while `heartbeat` (if any) is
-/// younger than the interval: a wedged main loop then gets the unit restarted.
+/// fresh (see `Heartbeat`): a loop that stopped making progress gets the unit
+/// restarted. Every worker beats the one heartbeat, so it notices the relay
+/// stalling as a whole, not one wedged worker among working ones.
 pub fn spawn_watchdog(
     shutdown: CancellationToken,
     heartbeat: Option<Heartbeat>,
