@@ -138,9 +138,13 @@ GRANT SELECT ON schema_migrations TO outboxd_ingest;
 
 -- outboxd_relay -------------------------------------------------------------
 -- Claim (SELECT … FOR UPDATE SKIP LOCKED), mark, requeue, retention deletes.
-GRANT SELECT, UPDATE, DELETE ON outbox_messages TO outboxd_relay;
--- The e-mail's sync_status follows its outbox row; the document's source fields.
-GRANT SELECT ON incoming_emails TO outboxd_relay;
+-- Only the columns of a row's state may change, never what the message says.
+GRANT SELECT, DELETE ON outbox_messages TO outboxd_relay;
+GRANT UPDATE (status, attempts, next_attempt_at, last_error, locked_by, locked_until,
+              updated_at, synced_at) ON outbox_messages TO outboxd_relay;
+-- The e-mail's sync_status follows its outbox row; the document's source
+-- fields. Not the sender, subject or body: personal data the relay never needs.
+GRANT SELECT (id, ticket_id, webhook_id, sync_status) ON incoming_emails TO outboxd_relay;
 GRANT UPDATE (sync_status) ON incoming_emails TO outboxd_relay;
 -- Housekeeping of expired keys.
 GRANT SELECT, DELETE ON idempotency_keys TO outboxd_relay;

@@ -223,14 +223,23 @@ async fn roles_allow_each_job_and_nothing_else() {
     assert!(format!("{err:?}").contains("permission denied"));
 
     let as_relay = connect(relay_url).await;
-    let err = as_relay
-        .execute("DELETE FROM incoming_emails", &[])
-        .await
-        .unwrap_err();
-    assert!(
-        format!("{err:?}").contains("permission denied"),
-        "relay may not delete e-mails"
-    );
+    for (sql, why) in [
+        (
+            "DELETE FROM incoming_emails",
+            "relay may not delete e-mails",
+        ),
+        (
+            "SELECT body FROM incoming_emails",
+            "relay may not read e-mail bodies",
+        ),
+        (
+            "UPDATE outbox_messages SET payload = '{}'",
+            "relay may not rewrite a message",
+        ),
+    ] {
+        let err = as_relay.execute(sql, &[]).await.unwrap_err();
+        assert!(format!("{err:?}").contains("permission denied"), "{why}");
+    }
     let err = as_relay
         .execute("INSERT INTO idempotency_keys (key, webhook_id, email_id, outbox_id, expires_at) VALUES ('x', 'x', 1, 1, now())", &[])
         .await
