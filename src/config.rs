@@ -32,6 +32,8 @@ pub struct DatabaseConfig {
     pub pool_size: usize,
     pub connect_timeout_ms: u64,
     pub statement_timeout_ms: u64,
+    /// Ask the server to probe idle sessions (`tcp_keepalives_*`).
+    pub server_keepalives: bool,
     /// How long a request waits for a free pooled connection.
     pub pool_wait_ms: u64,
 }
@@ -105,6 +107,7 @@ impl Default for DatabaseConfig {
             pool_size: 32,
             connect_timeout_ms: 3000,
             statement_timeout_ms: 5000,
+            server_keepalives: true,
             pool_wait_ms: 3000,
         }
     }

@@ -31,7 +31,10 @@ pub fn pg_config(config: &DatabaseConfig) -> anyhow::Result<tokio_postgres::Conf
     // Added to the URL's own `options` (a search_path, say), not in their place.
     // Later settings win: the URL's over the keepalives, the configured
     // statement_timeout over the URL's.
-    let mut options = vec![SERVER_KEEPALIVES.to_owned()];
+    let mut options = Vec::new();
+    if config.server_keepalives {
+        options.push(SERVER_KEEPALIVES.to_owned());
+    }
     options.extend(
         pg.get_options()
             .map(str::trim)
@@ -44,7 +47,9 @@ pub fn pg_config(config: &DatabaseConfig) -> anyhow::Result<tokio_postgres::Conf
             config.statement_timeout_ms
         ));
     }
-    pg.options(options.join(" "));
+    if !options.is_empty() {
+        pg.options(options.join(" "));
+    }
     Ok(pg)
 }
 

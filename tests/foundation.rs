@@ -330,4 +330,9 @@ async fn options_in_the_database_url_are_kept_beside_the_timeout_and_keepalives(
     // keepalive settings win over outboxd's.
     assert_eq!(show("tcp_keepalives_idle").await, "10");
     assert_eq!(show("tcp_keepalives_count").await, "7");
+    // Behind PgBouncer, which refuses the `options` startup parameter, none is sent.
+    let mut quiet = env.config().database;
+    quiet.server_keepalives = false;
+    quiet.statement_timeout_ms = 0;
+    assert_eq!(outboxd::db::pg_config(&quiet).unwrap().get_options(), None);
 }
