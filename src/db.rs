@@ -23,8 +23,13 @@ pub fn pg_config(config: &DatabaseConfig) -> anyhow::Result<tokio_postgres::Conf
         anyhow::anyhow!("invalid `database.url` (DATABASE_URL): not a PostgreSQL URL")
     })?;
     pg.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
+    // Our side of keepalive: a session whose server vanished (a crash, a
+    // failover, a partition) fails within ~25 s, not the kernel's ~2 h. The
+    // LISTEN session, which only receives, would otherwise never notice.
     pg.keepalives(true);
-    pg.keepalives_idle(Duration::from_secs(30));
+    pg.keepalives_idle(Duration::from_secs(10));
+    pg.keepalives_interval(Duration::from_secs(5));
+    pg.keepalives_retries(3);
     if pg.get_application_name().is_none() {
         pg.application_name("outboxd");
     }
@@ -86,6 +91,15 @@ pub fn describe(err: &tokio_postgres::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// The error for logs that must not quote customer data: a server error's
+/// message and SQLSTATE, without its DETAIL ("Failing row contains (…)").
+pub fn summarize(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("db error: {} (SQLSTATE {})", db.message(), db.code().code()),
+        None => err.to_string(),
+    }
 }
 
 /// True when retrying later may succeed: the server is unreachable, restarting,

@@ -53,11 +53,14 @@ pub async fn run(
     if let Err(e) = pool.get().await {
         tracing::warn!(error = %e, "PostgreSQL is not reachable yet; answering 503 until it is");
     }
-    let app = App::new(config, pool, secret, shutdown.clone());
+    // The notifier outlives the drain: rows committed during it still get a NOTIFY.
+    let drained = CancellationToken::new();
+    let app = App::new(config, pool, secret, drained.clone());
     tracing::info!(listen = %listener.local_addr()?, "ingest listening");
     systemd::ready();
     let watchdog = systemd::spawn_watchdog(shutdown.clone(), None);
     serve(listener, app, shutdown).await;
+    drained.cancel();
     systemd::stopping();
     watchdog.abort();
     tracing::info!("ingest stopped");
@@ -337,9 +340,9 @@ enum Failure {
 impl From<tokio_postgres::Error> for Failure {
     fn from(e: tokio_postgres::Error) -> Self {
         if db::is_transient(&e) {
-            Failure::Unavailable(e.to_string())
+            Failure::Unavailable(db::summarize(&e))
         } else {
-            Failure::Internal(e.to_string())
+            Failure::Internal(db::summarize(&e))
         }
     }
 }
