@@ -46,9 +46,12 @@ pub async fn run(
             Ok(()) => return, // shutdown
             Err(Lost { connected, error }) => {
                 metrics::gauge!("outboxd_relay_listener_connected").set(0.0);
-                if connected {
+                // Start the backoff over only after a connection that lasted: one
+                // killed right after LISTEN must not be retried every 100 ms.
+                if connected.is_some_and(|up| up >= STABLE) {
                     backoff = schedule();
                 }
+                let connected = connected.is_some();
                 if connected || was_connected {
                     tracing::warn!(error = %error, poll_ms, "LISTEN connection lost; polling until it is back");
                 }
@@ -63,8 +66,15 @@ pub async fn run(
     }
 }
 
+/// A LISTEN connection up this long counts as having worked.
+const STABLE: Duration = Duration::from_secs(30);
+/// Connecting and LISTEN together; a server that accepts TCP and then stalls
+/// must not leave the relay without a listener and without a retry.
+const SET_UP: Duration = Duration::from_secs(10);
+
 struct Lost {
-    connected: bool,
+    /// How long the connection was up, if LISTEN succeeded.
+    connected: Option<Duration>,
     error: String,
 }
 
@@ -74,13 +84,18 @@ async fn listen(
     nudge: &Arc<Notify>,
     shutdown: &CancellationToken,
 ) -> Result<(), Lost> {
-    let lost = |connected: bool| {
-        move |e: tokio_postgres::Error| Lost {
-            connected,
-            error: e.to_string(),
-        }
+    let lost = |e: tokio_postgres::Error| Lost {
+        connected: None,
+        error: e.to_string(),
     };
-    let (client, mut connection) = pg.connect(NoTls).await.map_err(lost(false))?;
+    let timed_out = |_| Lost {
+        connected: None,
+        error: format!("no connection and LISTEN within {SET_UP:?}"),
+    };
+    let (client, mut connection) = tokio::time::timeout(SET_UP, pg.connect(NoTls))
+        .await
+        .map_err(timed_out)?
+        .map_err(lost)?;
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<String>();
     let forward = nudge.clone();
     let driver = tokio::spawn(async move {
@@ -95,10 +110,20 @@ async fn listen(
         };
         let _ = done_tx.send(reason);
     });
-    if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
-        driver.abort();
-        return Err(lost(false)(e));
+    let listen = format!("LISTEN {CHANNEL}");
+    let listening = tokio::time::timeout(SET_UP, client.batch_execute(&listen));
+    match listening.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            driver.abort();
+            return Err(lost(e));
+        }
+        Err(elapsed) => {
+            driver.abort();
+            return Err(timed_out(elapsed));
+        }
     }
+    let since = std::time::Instant::now();
     metrics::gauge!("outboxd_relay_listener_connected").set(1.0);
     tracing::info!(channel = CHANNEL, "listening for notifications");
     // Rows committed while we were not listening were never announced.
@@ -108,6 +133,9 @@ async fn listen(
             driver.abort();
             Ok(())
         }
-        reason = &mut done_rx => Err(Lost { connected: true, error: reason.unwrap_or_else(|_| "driver ended".into()) }),
+        reason = &mut done_rx => Err(Lost {
+            connected: Some(since.elapsed()),
+            error: reason.unwrap_or_else(|_| "driver ended".into()),
+        }),
     }
 }
