@@ -11,7 +11,7 @@ use deadpool_postgres::Pool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::outbox;
+use crate::{db, outbox};
 
 /// The request side: cheap to call after every commit.
 #[derive(Clone)]
@@ -25,17 +25,29 @@ impl Notifier {
         let flag = Arc::new(Notify::new());
         let waiter = flag.clone();
         tokio::spawn(async move {
+            let mut failing = false;
             loop {
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    // A wake-up asked for before `shutdown` is still sent.
+                    biased;
                     _ = waiter.notified() => {}
+                    _ = shutdown.cancelled() => return,
                 }
                 let sent = match pool.get().await {
-                    Ok(client) => outbox::notify(&client).await.map_err(|e| e.to_string()),
+                    Ok(client) => outbox::notify(&client).await.map_err(|e| db::summarize(&e)),
                     Err(e) => Err(e.to_string()),
                 };
-                if let Err(e) = sent {
-                    tracing::debug!(error = %e, "NOTIFY failed; relays will poll");
+                // Once per change: relays still poll, but a lasting failure shows as lag.
+                match sent {
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "NOTIFY failed; relays poll until it works again");
+                    }
+                    Ok(()) if failing => {
+                        failing = false;
+                        tracing::info!("NOTIFY works again");
+                    }
+                    _ => {}
                 }
                 // Commits during this pause are covered by the next single NOTIFY.
                 tokio::time::sleep(interval).await;
