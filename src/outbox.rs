@@ -372,13 +372,14 @@ pub async fn delete_synced_before(
         .await
 }
 
-/// Deletes up to `limit` expired idempotency keys.
+/// Deletes up to `limit` expired idempotency keys. No `FOR UPDATE`: it needs
+/// UPDATE rights, which the relay's role has no business holding on keys; two
+/// relays deleting the same key just wait for each other.
 pub async fn delete_expired_keys(client: &impl GenericClient, limit: i64) -> Result<u64, Error> {
     client
         .execute(
             "DELETE FROM idempotency_keys WHERE key IN (
-                 SELECT key FROM idempotency_keys WHERE expires_at <= now()
-                 LIMIT $1 FOR UPDATE SKIP LOCKED)",
+                 SELECT key FROM idempotency_keys WHERE expires_at <= now() LIMIT $1)",
             &[&limit],
         )
         .await

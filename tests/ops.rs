@@ -194,12 +194,54 @@ async fn roles_allow_each_job_and_nothing_else() {
     assert_eq!(post_signed(&http, &ingest.url(), SAMPLE).await.0, 200);
     ingest.stop().await;
 
-    // The relay works end to end under its role.
+    // The relay works end to end under its role, housekeeping included.
+    pg.batch_execute(
+        "INSERT INTO idempotency_keys (key, webhook_id, email_id, outbox_id, expires_at)
+         VALUES ('expired', 'old', 0, 0, now() - interval '1 hour')",
+    )
+    .await
+    .unwrap();
     let mut vars = env.child_env();
     vars.retain(|(k, _)| k != "DATABASE_URL");
     vars.push(("DATABASE_URL".into(), relay_url.clone()));
-    let _r = Proc::spawn(&["relay", "--id", "role"], &vars, "role-relay");
+    let mut with_housekeeping = vars.clone();
+    with_housekeeping.extend([
+        ("OUTBOXD__RELAY__HOUSEKEEPING_INTERVAL_S".into(), "1".into()),
+        ("OUTBOXD__RELAY__RETENTION_S".into(), "1".into()),
+    ]);
+    let r = Proc::spawn(&["relay", "--id", "role"], &with_housekeeping, "role-relay");
     assert!(env.wait_synced(Duration::from_secs(20)).await);
+    let cleaned = eventually(Duration::from_secs(20), || async {
+        env.count("SELECT (SELECT count(*) FROM idempotency_keys WHERE key = 'expired') + (SELECT count(*) FROM outbox_messages)")
+            .await
+            == 0
+    })
+    .await;
+    assert!(cleaned, "housekeeping under the role:\n{}", r.log_text());
+    assert!(
+        !r.log_text().contains("permission denied"),
+        "{}",
+        r.log_text()
+    );
+    // So do the operator commands.
+    for args in [
+        &["status"][..],
+        &["retry", "--all-failed"],
+        &["audit", "--repair"],
+        &["check"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+            .args(args)
+            .envs(vars.iter().cloned())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?} under the relay role: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     let connect = |url: String| async move {
         let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
@@ -246,7 +288,7 @@ async fn roles_allow_each_job_and_nothing_else() {
         .unwrap_err();
     assert!(format!("{err:?}").contains("permission denied"));
     drop((as_ingest, as_relay));
-    drop(_r);
+    drop(r);
     // Login roles are cluster-wide: remove them (the database goes with the test).
     let _ = pg
         .batch_execute(&format!("DROP OWNED BY {ingest_role}, {relay_role}"))
