@@ -30,6 +30,9 @@ pub fn pg_config(config: &DatabaseConfig) -> anyhow::Result<tokio_postgres::Conf
     pg.keepalives_idle(Duration::from_secs(10));
     pg.keepalives_interval(Duration::from_secs(5));
     pg.keepalives_retries(3);
+    // And a statement sent to a server that vanished fails after 30 s without
+    // an acknowledgement, not after TCP's ~15 min of retransmissions.
+    pg.tcp_user_timeout(Duration::from_secs(30));
     if pg.get_application_name().is_none() {
         pg.application_name("outboxd");
     }
@@ -98,7 +101,28 @@ pub fn describe(err: &tokio_postgres::Error) -> String {
 pub fn summarize(err: &tokio_postgres::Error) -> String {
     match err.as_db_error() {
         Some(db) => format!("db error: {} (SQLSTATE {})", db.message(), db.code().code()),
-        None => err.to_string(),
+        // An I/O or protocol error: its causes ("connection refused") say what happened.
+        None => describe(err),
+    }
+}
+
+/// `summarize` for an error that may wrap a PostgreSQL or pool error; any other
+/// error with its causes.
+pub fn summarize_any(err: &anyhow::Error) -> String {
+    if let Some(pg) = err.downcast_ref::<tokio_postgres::Error>() {
+        return summarize(pg);
+    }
+    if let Some(pool) = err.downcast_ref::<deadpool_postgres::PoolError>() {
+        return summarize_pool(pool);
+    }
+    format!("{err:#}")
+}
+
+/// `summarize` for a pool error: waiting for a connection, or opening one.
+pub fn summarize_pool(err: &deadpool_postgres::PoolError) -> String {
+    match err {
+        deadpool_postgres::PoolError::Backend(pg) => summarize(pg),
+        other => other.to_string(),
     }
 }
 

@@ -51,7 +51,7 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot listen on {addr} (`ingest.listen` / --listen)"))?;
     if let Err(e) = pool.get().await {
-        tracing::warn!(error = %e, "PostgreSQL is not reachable yet; answering 503 until it is");
+        tracing::warn!(error = %db::summarize_pool(&e), "PostgreSQL is not reachable yet; answering 503 until it is");
     }
     // The notifier outlives the drain: rows committed during it still get a NOTIFY.
     let drained = CancellationToken::new();
@@ -135,11 +135,11 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
 
 async fn readyz(app: &App) -> Response<Full<Bytes>> {
     let check = async {
-        let client = app.pool.get().await.map_err(|e| e.to_string())?;
+        let client = app.pool.get().await.map_err(|e| db::summarize_pool(&e))?;
         client
             .simple_query("SELECT 1")
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| db::summarize(&e))
     };
     match tokio::time::timeout(Duration::from_secs(2), check).await {
         Ok(Ok(_)) => http::json(StatusCode::OK, &json!({"status": "ready"})),
@@ -351,9 +351,9 @@ impl From<tokio_postgres::Error> for Failure {
 async fn accept(app: &App, event: &webhook::Event) -> Result<(Accepted, bool), Failure> {
     let client = app.pool.get().await.map_err(|e| {
         if db::pool_error_is_transient(&e) {
-            Failure::Unavailable(e.to_string())
+            Failure::Unavailable(db::summarize_pool(&e))
         } else {
-            Failure::Internal(e.to_string())
+            Failure::Internal(db::summarize_pool(&e))
         }
     })?;
     let ttl = app.config.idempotency_ttl_s as f64;

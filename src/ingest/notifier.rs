@@ -35,7 +35,7 @@ impl Notifier {
                 }
                 let sent = match pool.get().await {
                     Ok(client) => outbox::notify(&client).await.map_err(|e| db::summarize(&e)),
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(db::summarize_pool(&e)),
                 };
                 // Once per change: relays still poll, but a lasting failure shows as lag.
                 match sent {

@@ -2,11 +2,16 @@
 //! it comes back, however many attempts fail in between.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 pub struct Health {
     name: &'static str,
     down_since: Mutex<Option<Instant>>,
+    /// Whether the last probe went unanswered. Only then do wake-ups wait for
+    /// the backoff: a server that answers but refuses writes is still "down",
+    /// yet new rows may be tried at once.
+    unreachable: AtomicBool,
 }
 
 impl Health {
@@ -14,6 +19,7 @@ impl Health {
         Health {
             name,
             down_since: Mutex::new(None),
+            unreachable: AtomicBool::new(false),
         }
     }
 
@@ -30,6 +36,7 @@ impl Health {
 
     /// Records a success; logs only on the transition from down to up.
     pub fn ok(&self) {
+        self.unreachable.store(false, Ordering::Relaxed);
         let mut down = self.down_since.lock().expect("health lock");
         if let Some(since) = down.take() {
             let secs = since.elapsed().as_secs_f64();
@@ -41,6 +48,15 @@ impl Health {
                 secs
             );
         }
+    }
+
+    /// Records whether a probe was answered.
+    pub fn probed(&self, answered: bool) {
+        self.unreachable.store(!answered, Ordering::Relaxed);
+    }
+
+    pub fn is_unreachable(&self) -> bool {
+        self.unreachable.load(Ordering::Relaxed)
     }
 
     pub fn is_down(&self) -> bool {

@@ -68,8 +68,8 @@ pub async fn run(
 
 /// A LISTEN connection up this long counts as having worked.
 const STABLE: Duration = Duration::from_secs(30);
-/// Connecting and LISTEN together; a server that accepts TCP and then stalls
-/// must not leave the relay without a listener and without a retry.
+/// For connecting, and again for LISTEN: a server that accepts TCP and then
+/// stalls must not leave the relay without a listener and without a retry.
 const SET_UP: Duration = Duration::from_secs(10);
 
 struct Lost {
@@ -86,7 +86,7 @@ async fn listen(
 ) -> Result<(), Lost> {
     let lost = |e: tokio_postgres::Error| Lost {
         connected: None,
-        error: e.to_string(),
+        error: crate::db::summarize(&e),
     };
     let timed_out = |_| Lost {
         connected: None,
@@ -104,7 +104,7 @@ async fn listen(
             match messages.next().await {
                 Some(Ok(AsyncMessage::Notification(_))) => forward.notify_one(),
                 Some(Ok(_)) => {}
-                Some(Err(e)) => break e.to_string(),
+                Some(Err(e)) => break crate::db::summarize(&e),
                 None => break "connection closed".to_owned(),
             }
         };

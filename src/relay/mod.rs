@@ -116,7 +116,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         match released {
             Ok(Ok(n)) => tracing::info!(released = n, "rows given back"),
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "could not release rows; their leases will expire")
+                tracing::warn!(error = %db::summarize_any(&e), "could not release rows; their leases will expire")
             }
             Err(_) => tracing::warn!("could not release rows in time; their leases will expire"),
         }
@@ -175,7 +175,7 @@ async fn rescue(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = gauges.tick() => refresh_gauges(&shared).await,
         };
         if let Err(e) = result {
-            shared.postgres.failed(&e);
+            failed(&shared, "lease rescue", &e);
         }
     }
 }
@@ -192,8 +192,19 @@ async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = cleanup.tick() => {}
         }
         if let Err(e) = clean_up(&shared, &shutdown).await {
-            shared.postgres.failed(&e);
+            failed(&shared, "housekeeping", &e);
         }
+    }
+}
+
+/// An outage goes to the shared PostgreSQL state (logged once); any other error,
+/// such as a missing privilege, is logged as what it is, and is no outage.
+fn failed(shared: &Shared, task: &str, e: &anyhow::Error) {
+    let error = db::summarize_any(e);
+    if worker::is_transient(e) {
+        shared.postgres.failed(&error);
+    } else {
+        tracing::error!(error = %error, "{task} failed");
     }
 }
 

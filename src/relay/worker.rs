@@ -87,15 +87,15 @@ pub async fn run(
                 idle_wait(&shared, poll).await
             }
             Err(e) => {
-                shared.postgres.failed(&e);
+                shared.postgres.failed(&db::summarize_any(&e));
                 backoff.next()
             }
         };
         let pause = pause.unwrap_or(poll);
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = wake.notified(), if !shared.mongodb.is_down() && !shared.postgres.is_down() => {}
-            _ = nudge.notified(), if !shared.mongodb.is_down() && !shared.postgres.is_down() => {}
+            _ = wake.notified(), if !shared.mongodb.is_unreachable() && !shared.postgres.is_down() => {}
+            _ = nudge.notified(), if !shared.mongodb.is_unreachable() && !shared.postgres.is_down() => {}
             _ = tokio::time::sleep(pause) => {}
         }
     }
@@ -120,14 +120,16 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     // While MongoDB is down, probe it instead of claiming rows only to fail them.
     // A ping that answers is not the end of the outage (a server may answer but
     // refuse writes): only a batch written without transient errors is.
-    if shared.mongodb.is_down()
-        && let Err(e) = shared.sink.ping().await
-    {
-        shared.mongodb.failed(&mongo::redact(&e));
-        return Ok(Some(Progress {
-            rows: 0,
-            mongo_down: true,
-        }));
+    if shared.mongodb.is_down() {
+        let ping = shared.sink.ping().await;
+        shared.mongodb.probed(ping.is_ok());
+        if let Err(e) = ping {
+            shared.mongodb.failed(&mongo::redact(&e));
+            return Ok(Some(Progress {
+                rows: 0,
+                mongo_down: true,
+            }));
+        }
     }
     let client = shared.pool.get().await?;
     // The lease is `now() + lease_s` on the server, so it ends no sooner than
@@ -153,9 +155,6 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     shared.postgres.ok();
     if batch.rows.is_empty() {
         release_locks(client).await;
-        // Nothing to write: the ping that answered is all the evidence there is,
-        // and a relay still "down" would let NOTIFYs wait for the poll.
-        shared.mongodb.ok();
         return Ok(None);
     }
     let claimed = batch.rows.len();
@@ -201,7 +200,7 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
                 "rows given back unwritten: the lease would end before their writes could finish; raise relay.lease_s or lower relay.batch_size"
             ),
             Err(e) => {
-                tracing::warn!(error = %e, "could not give rows back; their leases will expire")
+                tracing::warn!(error = %db::summarize(&e), "could not give rows back; their leases will expire")
             }
         }
     }
@@ -360,7 +359,7 @@ fn stale(
     }
 }
 
-fn is_transient(e: &anyhow::Error) -> bool {
+pub(crate) fn is_transient(e: &anyhow::Error) -> bool {
     if let Some(pg) = e.downcast_ref::<tokio_postgres::Error>() {
         return db::is_transient(pg);
     }
