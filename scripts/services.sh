@@ -103,6 +103,18 @@ as_root() {
     fi
 }
 
+# `apt-get update` fails at once while another apt (apt-daily just after boot)
+# holds the package lists' lock; DPkg::Lock::Timeout does not cover that lock.
+apt_update() {
+    local try
+    for try in 1 2 3 4 5 6; do
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q && return 0
+        log "apt-get update failed (attempt $try of 6; another apt running?); retrying in 20 s"
+        sleep 20
+    done
+    return 1
+}
+
 ensure_postgres_installed() {
     if have pg_ctlcluster && have psql && [ -n "$(pg_version)" ]; then
         return 0
@@ -112,8 +124,7 @@ ensure_postgres_installed() {
         die "PostgreSQL is not installed and apt-get is not available" \
             "install a PostgreSQL server (with Debian's postgresql-common tools) yourself, then re-run"
     fi
-    if ! { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q &&
-           as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; } >&2; then
+    if ! { apt_update && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; } >&2; then
         die "could not install PostgreSQL with apt-get" \
             "run as root: apt-get update && apt-get install -y postgresql" \
             "then re-run: make services"
