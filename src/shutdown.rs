@@ -1,4 +1,6 @@
 //! One shutdown signal (SIGTERM or SIGINT) fanned out to every task as a token.
+//! systemd hears STOPPING=1 at that moment: the watchdog stops being fed then,
+//! and a drain may outlast its interval.
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -14,6 +16,7 @@ pub fn on_signal() -> CancellationToken {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
+        crate::systemd::stopping();
         trigger.cancel();
     });
     token

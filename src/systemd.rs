@@ -65,12 +65,7 @@ pub fn spawn_watchdog(
         let mut tick = tokio::time::interval(interval / 2);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => {
-                    // No more pings from here: say so now, not after the drain, or
-                    // a drain longer than the interval trips the watchdog.
-                    stopping();
-                    return;
-                }
+                _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
             if heartbeat

@@ -61,7 +61,6 @@ pub async fn run(
     let watchdog = systemd::spawn_watchdog(shutdown.clone(), None);
     serve(listener, app, shutdown).await;
     drained.cancel();
-    systemd::stopping();
     watchdog.abort();
     tracing::info!("ingest stopped");
     Ok(())

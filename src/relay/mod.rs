@@ -96,7 +96,6 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     let watchdog = systemd::spawn_watchdog(shutdown.clone(), Some(shared.heartbeat.clone()));
 
     shutdown.cancelled().await;
-    systemd::stopping();
     // The workers get the timeout less a tail, in which the rows still held are
     // given back and the helpers and the driver close: all within the timeout.
     let timeout = Duration::from_secs(config.relay.shutdown_timeout_s);
