@@ -7,6 +7,7 @@ use std::time::Duration;
 use common::*;
 use outboxd::ingest::webhook;
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn rows(env: &TestEnv) -> (i64, i64, i64) {
     (
@@ -591,7 +592,13 @@ async fn sigterm_with_requests_in_flight_loses_none() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Once a first webhook is committed, the others are in flight or coming.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            env.count("SELECT count(*) FROM incoming_emails").await > 0
+        })
+        .await
+    );
     ingest.signal("TERM");
     let mut accepted = Vec::new();
     for t in tasks {
@@ -618,6 +625,80 @@ async fn sigterm_with_requests_in_flight_loses_none() {
         !ingest.log_text().contains(SECRET),
         "the secret never reaches the log"
     );
+}
+
+#[tokio::test]
+async fn a_second_signal_cuts_the_drain_short() {
+    let env = TestEnv::new().await;
+    let port = free_port();
+    let mut child_env = env.child_env();
+    child_env.extend([
+        ("OUTBOXD__INGEST__SHUTDOWN_TIMEOUT_S".into(), "120".into()),
+        (
+            "OUTBOXD__INGEST__BODY_READ_TIMEOUT_MS".into(),
+            "120000".into(),
+        ),
+    ]);
+    let mut ingest = Proc::spawn(
+        &["ingest", "--listen", &format!("127.0.0.1:{port}")],
+        &child_env,
+        "ingest",
+    );
+    let http = reqwest::Client::new();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let http = http.clone();
+            async move {
+                http.get(format!("http://127.0.0.1:{port}/healthz"))
+                    .send()
+                    .await
+                    .is_ok()
+            }
+        })
+        .await
+    );
+    // A webhook whose body never comes holds the drain open. The server's
+    // "100 Continue" shows that the handler is waiting for that body.
+    let mut stalled = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stalled
+        .write_all(
+            b"POST /webhooks/email HTTP/1.1\r\nhost: x\r\n\
+              content-type: application/json\r\ncontent-length: 100\r\n\
+              expect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), stalled.read(&mut answer))
+        .await
+        .expect("an answer to Expect")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer[..n]).contains("100 Continue"),
+        "{:?}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+
+    ingest.signal("INT");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            ingest.log_text().contains("SIGINT: shutting down")
+        })
+        .await
+    );
+    assert!(
+        ingest.wait_timeout(Duration::from_secs(1)).is_none(),
+        "the first signal waits for the request in flight"
+    );
+    ingest.signal("INT");
+    let status = ingest
+        .wait_timeout(Duration::from_secs(15))
+        .expect("the second signal ends ingest long before its 120 s drain");
+    assert_eq!(status.code(), Some(130), "exit status {status:?}");
+    assert!(ingest.log_text().contains("second signal"));
+    assert_eq!(env.count("SELECT count(*) FROM incoming_emails").await, 0);
 }
 
 #[tokio::test]
