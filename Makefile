@@ -17,7 +17,9 @@ export PATH := $(PATH):$(HOME)/.cargo/bin:/usr/local/go/bin
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 OUTBOXD := $(TARGET_DIR)/debug/outboxd
-TEST_THREADS ?= 8
+# Tests within a binary run in parallel; more than twice the CPUs only
+# tightens every deadline on a 2-core machine.
+TEST_THREADS ?= 4
 
 # Extra make targets run at the end of `make test`, with the services'
 # environment exported (e.g. `make test TEST_EXTRA="bench-smoke"`). Empty for now.
@@ -102,8 +104,8 @@ bench: ## services, then the release benchmarks (BENCH_SCALE=small for a quick r
 
 chaos: ## services, then the full fault campaign (CHAOS_PROFILE=quick for the short one); writes target/chaos/report.json
 	@$(WITH_SERVICES)
-	CHAOS_PROFILE="$${CHAOS_PROFILE:-full}" $(CARGO) test --release --locked --test chaos -- --nocapture --test-threads=1
+	CHAOS_PROFILE="$${CHAOS_PROFILE:-full}" CHAOS_SEED="$${CHAOS_SEED:-$$(shuf -i 1-999999999 -n 1)}" $(CARGO) test --release --locked --test chaos -- --nocapture --test-threads=1
 
 fuzz: ## services, then a long hostile-input campaign against ingest (HOSTILE_CASES=N)
 	@$(WITH_SERVICES)
-	HOSTILE_CASES="$${HOSTILE_CASES:-20000}" $(CARGO) test --release --locked --test hostile_input -- --nocapture
+	HOSTILE_CASES="$${HOSTILE_CASES:-20000}" HOSTILE_SEED="$${HOSTILE_SEED:-$$(shuf -i 1-999999999 -n 1)}" $(CARGO) test --release --locked --test hostile_input -- --nocapture

@@ -105,6 +105,15 @@ as_root() {
 
 # `apt-get update` fails at once while another apt (apt-daily just after boot)
 # holds the package lists' lock; DPkg::Lock::Timeout does not cover that lock.
+retry3() { # a download from a package registry: a brief outage should not fail the run
+    local try
+    for try in 1 2 3; do
+        "$@" && return 0
+        [ "$try" = 3 ] || { log "'$1 ${2:-}' failed (attempt $try of 3); retrying in 15 s"; sleep 15; }
+    done
+    return 1
+}
+
 apt_update() {
     local try
     for try in 1 2 3 4 5 6; do
@@ -276,7 +285,7 @@ build_ferretdb() {
     export GOTOOLCHAIN=local GO111MODULE=on
     local gomodcache_dir src tmp
     mkdir -p "$TOOLS/src" "$TOOLS/bin"
-    gomodcache_dir="$(cd "$TOOLS" && go mod download -json "$FERRET_MODULE@$FERRET_VERSION" |
+    gomodcache_dir="$(cd "$TOOLS" && retry3 go mod download -json "$FERRET_MODULE@$FERRET_VERSION" |
         sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')" ||
         die "could not download Go module $FERRET_MODULE@$FERRET_VERSION (Go module proxy unreachable?)" "$hint"
     [ -n "$gomodcache_dir" ] && [ -d "$gomodcache_dir" ] ||
@@ -289,6 +298,8 @@ build_ferretdb() {
     printf '%s\n' "$FERRET_VERSION" >"$src/build/version/version.txt"
     printf '%s\n' "go-build" >"$src/build/version/package.txt"
 
+    (cd "$src" && retry3 go mod download) >&2 ||
+        die "could not download FerretDB's Go dependencies (Go module proxy unreachable?)" "$hint"
     tmp="$FERRET_BIN.tmp.$$"
     if ! (cd "$src" && go build -buildvcs=false -trimpath -o "$tmp" ./cmd/ferretdb) >&2; then
         rm -f "$tmp"

@@ -33,6 +33,8 @@ static PANICS: AtomicUsize = AtomicUsize::new(0);
 const HEADER_TIMEOUT_MS: u64 = 1000;
 const BODY_TIMEOUT_MS: u64 = 2000;
 const BODY_LIMIT: usize = 1024 * 1024;
+/// The cases `make test` replays; `HOSTILE_SEED` picks others.
+const FIXED_SEED: u64 = 20261128;
 
 /// What a case's answer may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1240,7 +1242,8 @@ async fn hostile_input_campaign() {
     let seed: u64 = std::env::var("HOSTILE_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| fastrand::u64(..1_000_000_000));
+        // Fixed cases in `make test`; `make fuzz` draws new ones.
+        .unwrap_or(FIXED_SEED);
     println!("hostile: seed={seed} cases={cases} (HOSTILE_SEED / HOSTILE_CASES replay or resize)");
     let started = Instant::now();
 
@@ -1438,7 +1441,7 @@ async fn hostile_input_campaign() {
         let _ = l.await;
     }
     let normal_max_s = normal.iter().map(|n| n.1).fold(0.0, f64::max);
-    let normal_ok = normal.iter().all(|(s, l)| *s == Some(202) && *l < 2.0);
+    let normal_ok = normal.iter().all(|(s, l)| *s == Some(202) && *l < 5.0);
     if !normal_ok {
         tally
             .lock()
