@@ -120,9 +120,8 @@ GRANT UPDATE (email_id, outbox_id, webhook_id, created_at, expires_at) ON idempo
 -- RETURNING id, and the duplicate lookup by webhook_id.
 GRANT SELECT (id, webhook_id) ON incoming_emails TO outboxd_ingest;
 GRANT SELECT (id, email_id, idempotency_key) ON outbox_messages TO outboxd_ingest;
--- The identity sequences behind incoming_emails.id and outbox_messages.id.
--- (PostgreSQL does not check these for an identity column's default, but an
--- explicit nextval() or a later change to a serial column would need them.)
+-- The identity sequences behind incoming_emails.id and outbox_messages.id:
+-- ingest's one statement takes both ids with nextval() (src/outbox.rs).
 DO $$
 DECLARE
     seq text;

@@ -1,5 +1,7 @@
-//! Typed configuration: `config/outboxd.toml` defaults, a TOML file, then
-//! `OUTBOXD__SECTION__KEY` variables, then `DATABASE_URL` and `MONGODB_URL`.
+//! Typed configuration, each layer over the one before: the `Default` impls
+//! (which `config/outboxd.toml` repeats, checked by a test), a TOML file,
+//! `OUTBOXD__SECTION__KEY` variables, systemd credentials
+//! (`$CREDENTIALS_DIRECTORY`), then `DATABASE_URL` and `MONGODB_URL`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -29,12 +29,7 @@ pub struct Limits {
 
 /// A JSON answer.
 pub fn json(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
+    text(status, body.to_string(), "application/json")
 }
 
 /// A plain-text answer (metrics, probes).
@@ -102,7 +97,7 @@ pub async fn serve<H, F>(
     }
 }
 
-/// Allows the handler signature `Request -> Response` with `StatusCode` shorthand.
+/// An error answer: `{"error": message}`.
 pub fn status_only(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
     json(status, &serde_json::json!({ "error": message }))
 }

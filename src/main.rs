@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use outboxd::cli::{Cli, Command};
 use outboxd::config::{self, Config};
-use outboxd::{check, ingest, migrate_cmd, ops, relay, shutdown, sign, telemetry};
+use outboxd::{check, ingest, migrate, ops, relay, shutdown, sign, telemetry};
 
 // jemalloc: about 10% fewer instructions per webhook than glibc's malloc, and
 // a smaller relay RSS (docs/benchmarks.md).
@@ -54,7 +54,7 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command, mut config: Config) -> anyhow::Result<u8> {
     match command {
-        Command::Migrate => migrate_cmd(&config).await,
+        Command::Migrate => migrate::command(&config).await,
         Command::Ingest { listen } => ingest::run(&config, listen, shutdown::on_signal())
             .await
             .map(|_| 0),

@@ -26,6 +26,26 @@ fn checksum(sql: &str) -> String {
     hex::encode(Sha256::digest(sql.as_bytes()))
 }
 
+/// `outboxd migrate`: applies pending migrations and says what it did.
+pub async fn command(config: &crate::config::Config) -> anyhow::Result<u8> {
+    let pg = crate::db::pg_config(&config.database)?;
+    let (mut client, connection) = pg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| anyhow::anyhow!("PostgreSQL unreachable: {}", crate::db::describe(&e)))?;
+    tokio::spawn(connection);
+    let applied = run(&mut client).await?;
+    if applied.is_empty() {
+        println!("schema is up to date (version {})", latest_version());
+    } else {
+        for name in &applied {
+            println!("applied {name}");
+        }
+        println!("schema is now at version {}", latest_version());
+    }
+    Ok(0)
+}
+
 /// Applies pending migrations; returns the names of those applied now.
 pub async fn run(client: &mut Client) -> anyhow::Result<Vec<String>> {
     // The daemons' statement timeout is not for this session: another host's

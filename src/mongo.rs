@@ -1,11 +1,13 @@
 //! The MongoDB sink: one document per aggregate, written only forwards.
 //!
-//! Each write is a guarded upsert, `{_id: agg, outbox_id: {$not: {$gte: m}}}` with
-//! `$set` (`$lt` would never match a document without a numeric `outbox_id`).
-//! No match on an existing document means it is already at m or newer; the upsert's
-//! insert then fails with duplicate key 11000, which counts as success. Only
-//! insert, update/upsert, `$set`, `$not`, `$gte` and code 11000 are used, all of
-//! which MongoDB ≥ 5.0 and FerretDB 1.24 support.
+//! A batch goes first as one unordered insert: a new aggregate's document is
+//! written at once. For the ids that already exist (11000), a guarded upsert
+//! follows, `{_id: agg, outbox_id: {$not: {$gte: m}}}` with `$set` (`$lt` would
+//! never match a document without a numeric `outbox_id`). No match on an existing
+//! document means it is already at m or newer; the upsert's insert then fails with
+//! duplicate key 11000, which counts as success. Only insert, update/upsert,
+//! `$set`, `$not`, `$gte` and code 11000 are used, all of which MongoDB ≥ 5.0 and
+//! FerretDB 1.24 support.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;

@@ -125,6 +125,11 @@ pub async fn notify(client: &impl GenericClient) -> Result<(), Error> {
         .map(|_| ())
 }
 
+/// Subscribes a relay's dedicated connection to those wake-ups.
+pub async fn listen(client: &tokio_postgres::Client) -> Result<(), Error> {
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await
+}
+
 /// One outbox row held by a relay, with what the MongoDB document needs.
 #[derive(Debug, Clone)]
 pub struct Claimed {
@@ -168,7 +173,9 @@ pub struct Batch {
 }
 
 /// Claims up to `limit` due pending rows in id order, skipping rows other relays hold.
-/// The inner SELECT walks `outbox_messages_claim_idx`, so its cost does not grow with the backlog.
+/// The inner SELECT walks `outbox_messages_claim_idx` from the oldest pending row,
+/// so its cost grows with the rows it passes over (backing off, or of a busy
+/// aggregate), not with the backlog behind them.
 ///
 /// No two relays write one document at once, because FerretDB's guarded updates
 /// are not atomic under concurrency. So a claim skips aggregates with a row in

@@ -27,11 +27,17 @@ pub enum SignatureError {
     Mismatch,
 }
 
-/// Computes Zendesk's signature: base64(HMAC-SHA256(secret, timestamp + body)).
-pub fn sign(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
+/// HMAC-SHA256(secret, timestamp + body), the MAC Zendesk signs with.
+fn mac(secret: &[u8], timestamp: &str, body: &[u8]) -> Hmac<Sha256> {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
     mac.update(timestamp.as_bytes());
     mac.update(body);
+    mac
+}
+
+/// Computes Zendesk's signature: base64(HMAC-SHA256(secret, timestamp + body)).
+pub fn sign(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
+    let mac = mac(secret, timestamp, body);
     BASE64.encode(mac.finalize().into_bytes())
 }
 
@@ -61,9 +67,7 @@ pub fn verify(
     let expected = BASE64
         .decode(signature.trim())
         .map_err(|_| SignatureError::Mismatch)?;
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
-    mac.update(timestamp.as_bytes());
-    mac.update(body);
+    let mac = mac(secret, timestamp, body);
     mac.verify_slice(&expected)
         .map_err(|_| SignatureError::Mismatch)
 }

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls};
@@ -31,14 +30,7 @@ pub async fn run(
     poll_ms: u64,
     shutdown: CancellationToken,
 ) {
-    let schedule = || {
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(10))
-            .with_jitter()
-            .without_max_times()
-            .build()
-    };
+    let schedule = || super::retry_forever(Duration::from_millis(100), Duration::from_secs(10));
     let mut backoff = schedule();
     let mut was_connected = true; // so that a first failure is logged
     loop {
@@ -110,8 +102,7 @@ async fn listen(
         };
         let _ = done_tx.send(reason);
     });
-    let listen = format!("LISTEN {CHANNEL}");
-    let listening = tokio::time::timeout(SET_UP, client.batch_execute(&listen));
+    let listening = tokio::time::timeout(SET_UP, crate::outbox::listen(&client));
     match listening.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use backon::BackoffBuilder;
 use hyper::{Method, StatusCode};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -194,6 +195,17 @@ async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
             failed(&shared, "housekeeping", &e);
         }
     }
+}
+
+/// Capped, jittered exponential pauses that never give up: a relay outlives
+/// any outage.
+fn retry_forever(min: Duration, max: Duration) -> backon::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 /// An outage goes to the shared PostgreSQL state (logged once); any other error,

@@ -1,15 +1,16 @@
 //! One worker loop: claim a batch, apply it to MongoDB, mark each row.
 //!
-//! `run_batch` returns `Ok(Some(n))` when it handled `n` rows (go on at once
-//! after a full batch; after a partial one, wait for a wake-up or a short pause),
-//! `Ok(None)` when nothing was due (wait for a wake-up, the next due row, or the
-//! poll interval), and `Err` when PostgreSQL failed (back off, then try again).
+//! `run_batch` returns `Ok(Some(progress))` when it claimed rows (go on at once
+//! after a full batch; after a partial one, wait for a wake-up or a short pause;
+//! back off while MongoDB is down), `Ok(None)` when nothing was due (wait for a
+//! wake-up, the next due row, or the poll interval), and `Err` when PostgreSQL
+//! failed (back off, then try again).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use backon::{ExponentialBuilder, Retryable};
 use chrono::Utc;
 use deadpool_postgres::{Object, Pool};
 use tokio::sync::Notify;
@@ -51,14 +52,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let poll = Duration::from_millis(shared.config.poll_interval_ms);
-    let schedule = || {
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter()
-            .without_max_times()
-            .build()
-    };
+    let schedule = || super::retry_forever(Duration::from_millis(200), Duration::from_secs(5));
     let mut backoff = schedule();
     while !shutdown.is_cancelled() {
         shared.heartbeat.beat();
@@ -87,7 +81,7 @@ pub async fn run(
                 idle_wait(&shared, poll).await
             }
             Err(e) => {
-                shared.postgres.failed(&db::summarize_any(&e));
+                super::failed(&shared, "batch", &e);
                 backoff.next()
             }
         };
@@ -195,10 +189,17 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     if !late.is_empty() {
         // Not an attempt: the rows were never sent. The next claim takes them.
         match outbox::release(&client, &shared.relay_id, Some((&late, batch.locked_until))).await {
-            Ok(n) => tracing::warn!(
-                rows = n, relay_id = %shared.relay_id, lease_s = config.lease_s,
-                "rows given back unwritten: the lease would end before their writes could finish; raise relay.lease_s or lower relay.batch_size"
-            ),
+            Ok(n) => {
+                tracing::warn!(
+                    rows = n, relay_id = %shared.relay_id, lease_s = config.lease_s,
+                    "rows given back unwritten: the lease would end before their writes could finish; raise relay.lease_s or lower relay.batch_size"
+                );
+                // The others' lease had already ended: rescue or a new holder has them.
+                let lost = late.len() as u64 - n.min(late.len() as u64);
+                if lost > 0 {
+                    metrics::counter!("outboxd_relay_rows_stale_total").increment(lost);
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %db::summarize(&e), "could not give rows back; their leases will expire")
             }
