@@ -37,7 +37,8 @@
 --                     e-mail's sync_status, delete expired idempotency keys;
 --                     also what `outboxd status|retry|audit|check` need.
 --                     Never inserts, never deletes an e-mail, never truncates.
---   outboxd_readonly  read everything (tables, views, schema_migrations).
+--   outboxd_readonly  read the tables, views and schema_migrations, except
+--                     an e-mail's sender, subject and body.
 
 \set ON_ERROR_STOP 1
 
@@ -151,8 +152,12 @@ GRANT SELECT ON schema_migrations TO outboxd_relay;
 GRANT SELECT ON outbox_status, outbox_failed, outbox_inflight TO outboxd_relay;
 
 -- outboxd_readonly ----------------------------------------------------------
-GRANT SELECT ON incoming_emails, outbox_messages, idempotency_keys, schema_migrations,
+-- Dashboards need no e-mail's sender, subject or body: a debtor's
+-- correspondence stays with the roles that handle it.
+GRANT SELECT ON outbox_messages, idempotency_keys, schema_migrations,
                 outbox_status, outbox_failed, outbox_inflight
     TO outboxd_readonly;
+GRANT SELECT (id, webhook_id, ticket_id, message_id, received_at, sync_status, created_at)
+    ON incoming_emails TO outboxd_readonly;
 
 COMMIT;

@@ -183,6 +183,7 @@ async fn roles_allow_each_job_and_nothing_else() {
     pg.batch_execute(&roles).await.unwrap();
     let (ingest_role, ingest_url) = login_role(&env, "outboxd_ingest").await;
     let (relay_role, relay_url) = login_role(&env, "outboxd_relay").await;
+    let (readonly_role, readonly_url) = login_role(&env, "outboxd_readonly").await;
 
     // Ingest works end to end under its role.
     let mut config = env.config();
@@ -287,13 +288,31 @@ async fn roles_allow_each_job_and_nothing_else() {
         .await
         .unwrap_err();
     assert!(format!("{err:?}").contains("permission denied"));
-    drop((as_ingest, as_relay));
+
+    // A dashboard sees where every row stands, but no e-mail's content.
+    let as_readonly = connect(readonly_url).await;
+    for sql in [
+        "SELECT * FROM outbox_status",
+        "SELECT * FROM outbox_failed",
+        "SELECT id, status, payload FROM outbox_messages",
+        "SELECT id, webhook_id, ticket_id, sync_status FROM incoming_emails",
+    ] {
+        assert!(as_readonly.query(sql, &[]).await.is_ok(), "readonly: {sql}");
+    }
+    for sql in [
+        "SELECT body FROM incoming_emails",
+        "SELECT * FROM incoming_emails",
+        "UPDATE outbox_messages SET status = 'failed'",
+    ] {
+        let err = as_readonly.execute(sql, &[]).await.unwrap_err();
+        assert!(format!("{err:?}").contains("permission denied"), "{sql}");
+    }
+    drop((as_ingest, as_relay, as_readonly));
     drop(r);
     // Login roles are cluster-wide: remove them (the database goes with the test).
+    let roles = format!("{ingest_role}, {relay_role}, {readonly_role}");
+    let _ = pg.batch_execute(&format!("DROP OWNED BY {roles}")).await;
     let _ = pg
-        .batch_execute(&format!("DROP OWNED BY {ingest_role}, {relay_role}"))
-        .await;
-    let _ = pg
-        .batch_execute(&format!("DROP ROLE IF EXISTS {ingest_role}, {relay_role}"))
+        .batch_execute(&format!("DROP ROLE IF EXISTS {roles}"))
         .await;
 }
