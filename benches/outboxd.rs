@@ -1394,33 +1394,54 @@ async fn pipeline_max(
 
 // ------------------------------------------------------------- claim + memory
 
-/// Median latency of `outbox::claim` (in a transaction that is rolled back).
-async fn time_claims(ctx: &Ctx, db: &str, batch: i64, reps: usize) -> anyhow::Result<f64> {
-    let config = outboxd::config::DatabaseConfig {
-        url: ctx.db_url(db).into(),
-        pool_size: 1,
-        ..Default::default()
-    };
-    let pool = outboxd::db::pool(&config)?;
-    let mut client = pool.get().await?;
-    let mut times = Vec::with_capacity(reps);
+/// Claim latency at the small and the large backlog: `outbox::claim` (the relay's
+/// statement) in a transaction that is rolled back, one claim on each database in
+/// turn, so that the machine's other load falls on both alike; medians after 5
+/// warm-ups each. A checkpoint first: the large backlog's bulk insert would
+/// otherwise leave one running, which would slow the large side only.
+async fn compare_claims(
+    ctx: &Ctx,
+    small_db: &str,
+    large_db: &str,
+    batch: i64,
+    reps: usize,
+) -> anyhow::Result<(f64, f64)> {
+    if let Err(e) = ctx.pg(large_db).await?.batch_execute("CHECKPOINT").await {
+        say!("no CHECKPOINT before the claims ({e}); the large backlog's may still be running");
+    }
+    let mut pools = Vec::new();
+    for db in [small_db, large_db] {
+        let config = outboxd::config::DatabaseConfig {
+            url: ctx.db_url(db).into(),
+            pool_size: 1,
+            ..Default::default()
+        };
+        pools.push(outboxd::db::pool(&config)?);
+    }
+    let mut times = [Vec::with_capacity(reps), Vec::with_capacity(reps)];
     for i in 0..reps + 5 {
-        let tx = client.transaction().await?;
-        let t0 = Instant::now();
-        let claimed = outboxd::outbox::claim(&tx, "bench-claim", batch, 30.0).await?;
-        let ms = t0.elapsed().as_secs_f64() * 1000.0;
-        tx.rollback().await?;
-        if claimed.rows.len() as i64 != batch {
-            bail!(
-                "claim returned {} rows, expected {batch}",
-                claimed.rows.len()
-            );
-        }
-        if i >= 5 {
-            times.push(ms);
+        for (pool, times) in pools.iter().zip(times.iter_mut()) {
+            let mut client = pool.get().await?;
+            let tx = client.transaction().await?;
+            let t0 = Instant::now();
+            let claimed = outboxd::outbox::claim(&tx, "bench-claim", batch, 30.0).await?;
+            let ms = t0.elapsed().as_secs_f64() * 1000.0;
+            tx.rollback().await?;
+            if claimed.rows.len() as i64 != batch {
+                bail!(
+                    "claim returned {} rows, expected {batch}",
+                    claimed.rows.len()
+                );
+            }
+            if i >= 5 {
+                times.push(ms);
+            }
         }
     }
-    support::median(&times).context("no claim timed")
+    Ok((
+        support::median(&times[0]).context("no claim timed")?,
+        support::median(&times[1]).context("no claim timed")?,
+    ))
 }
 
 async fn phase_claim_memory(
@@ -1429,20 +1450,17 @@ async fn phase_claim_memory(
     report: &mut Report,
     setting: Setting,
 ) -> anyhow::Result<()> {
-    // One database, topped up in steps: claims timed at the two claim backlogs, and a
-    // relay's peak RSS taken while it drains for a fixed time from the two RSS backlogs.
-    let mut steps: Vec<i64> = [
-        plan.claim_small,
-        plan.claim_large,
-        plan.rss_small,
-        plan.rss_large,
-    ]
-    .into_iter()
-    .filter(|&n| n > 0)
-    .collect();
+    // One database, topped up in steps: claims timed at the large claim backlog
+    // (against a second database holding the small one), and a relay's peak RSS
+    // taken while it drains for a fixed time from the two RSS backlogs.
+    let mut steps: Vec<i64> = [plan.claim_large, plan.rss_small, plan.rss_large]
+        .into_iter()
+        .filter(|&n| n > 0)
+        .collect();
     steps.sort();
     steps.dedup();
     let db = ctx.fresh_db("claim").await?;
+    let small_db = backlog_db(ctx, "claim_small", plan.claim_small).await?;
     let mut claims: BTreeMap<i64, f64> = BTreeMap::new();
     let mut rss: BTreeMap<i64, (f64, i64, f64)> = BTreeMap::new();
     let result: anyhow::Result<()> = async {
@@ -1457,10 +1475,16 @@ async fn phase_claim_memory(
                 "backlog: {size} rows inserted ({pending} pending) in {:.1} s",
                 t.elapsed().as_secs_f64()
             );
-            if size == plan.claim_small || size == plan.claim_large {
-                let ms = time_claims(ctx, &db, setting.batch, plan.claim_reps).await?;
-                say!("claim of {} rows at {pending} pending: {ms:.3} ms", setting.batch);
-                claims.insert(size, ms);
+            if size == plan.claim_large {
+                let (small, large) =
+                    compare_claims(ctx, &small_db, &db, setting.batch, plan.claim_reps).await?;
+                say!(
+                    "claim of {} rows at {} pending: {small:.3} ms; at {pending} pending: {large:.3} ms",
+                    setting.batch,
+                    plan.claim_small
+                );
+                claims.insert(plan.claim_small, small);
+                claims.insert(plan.claim_large, large);
             }
             if plan.rss_secs > 0.0 && (size == plan.rss_small || size == plan.rss_large) {
                 let (kib, synced, secs) = relay_for(ctx, &db, setting, plan.rss_secs).await?;
@@ -1475,6 +1499,7 @@ async fn phase_claim_memory(
     }
     .await;
     ctx.drop_db(&db).await;
+    ctx.drop_db(&small_db).await;
     let small = claims.get(&plan.claim_small).copied();
     let large = claims.get(&plan.claim_large).copied();
     report.set("claim_ms_10k", opt(small, 4));
@@ -1493,7 +1518,9 @@ async fn phase_claim_memory(
             "batch_size": setting.batch,
             "repetitions": plan.claim_reps,
             "method": "outbox::claim (the relay's own statement) in a transaction that is rolled back; \
-                       client-side median after 5 warm-ups; backlog inserted with generate_series, then VACUUM ANALYZE",
+                       two databases, the small and the large backlog, each inserted with generate_series, \
+                       then VACUUM ANALYZE; a CHECKPOINT once the large one is in; then one claim on each \
+                       in turn, 5 warm-ups and `repetitions` timed each; client-side medians",
         }),
     );
     report.detail(

@@ -225,6 +225,10 @@ BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_ROLE') THEN
         CREATE ROLE $PG_ROLE;
     END IF;
+    -- make bench checkpoints before it times claims (PostgreSQL >= 15).
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'pg_checkpoint') THEN
+        EXECUTE 'GRANT pg_checkpoint TO $PG_ROLE';
+    END IF;
 END
 \$\$;
 ALTER ROLE $PG_ROLE WITH LOGIN CREATEDB CREATEROLE PASSWORD '$PG_PASSWORD';
