@@ -63,7 +63,8 @@ run: ## services, migrate, then run ingest + relay in the foreground (Ctrl-C sto
 	fi
 	pids=()
 	stop_all() { trap - INT TERM EXIT; kill "$${pids[@]}" 2>/dev/null || true; wait || true; }
-	trap 'stop_all; exit 130' INT
+	# Ctrl-C reaches both processes already; a second signal would cut their drain short.
+	trap 'trap - INT TERM EXIT; wait || true; exit 130' INT
 	trap 'stop_all; exit 143' TERM
 	trap 'stop_all' EXIT
 	"$(OUTBOXD)" ingest & pids+=($$!)

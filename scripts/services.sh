@@ -103,9 +103,8 @@ as_root() {
     fi
 }
 
-# `apt-get update` fails at once while another apt (apt-daily just after boot)
-# holds the package lists' lock; DPkg::Lock::Timeout does not cover that lock.
-retry3() { # a download from a package registry: a brief outage should not fail the run
+# A download from a package registry: a brief outage should not fail the run.
+retry3() {
     local try
     for try in 1 2 3; do
         "$@" && return 0
@@ -114,6 +113,8 @@ retry3() { # a download from a package registry: a brief outage should not fail 
     return 1
 }
 
+# `apt-get update` fails at once while another apt (apt-daily just after boot)
+# holds the package lists' lock; DPkg::Lock::Timeout does not cover that lock.
 apt_update() {
     local try
     for try in 1 2 3 4 5 6; do
@@ -226,7 +227,8 @@ BEGIN
         CREATE ROLE $PG_ROLE;
     END IF;
     -- make bench checkpoints before it times claims (PostgreSQL >= 15).
-    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'pg_checkpoint') THEN
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'pg_checkpoint')
+       AND NOT pg_has_role('$PG_ROLE', 'pg_checkpoint', 'MEMBER') THEN
         EXECUTE 'GRANT pg_checkpoint TO $PG_ROLE';
     END IF;
 END

@@ -6,8 +6,8 @@
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-/// A token cancelled on the first SIGTERM or SIGINT; the second one exits with
-/// 128 + its number, like a shell reports a process killed by it.
+/// A token cancelled on the first SIGTERM or SIGINT; the second one ends the
+/// process by that signal.
 pub fn on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let trigger = token.clone();
@@ -23,12 +23,23 @@ pub fn on_signal() -> CancellationToken {
         // Safe to cut short: an unanswered webhook was not committed, or its
         // redelivery gets the first answer; a relay's claimed rows are rescued
         // when their lease expires, like a relay's that died.
-        let code = tokio::select! {
-            _ = term.recv() => 128 + SignalKind::terminate().as_raw_value(),
-            _ = int.recv() => 128 + SignalKind::interrupt().as_raw_value(),
+        let second = tokio::select! {
+            _ = term.recv() => SignalKind::terminate(),
+            _ = int.recv() => SignalKind::interrupt(),
         };
         tracing::warn!("second signal: exiting now, without finishing the drain");
-        std::process::exit(code);
+        die_by(second.as_raw_value());
     });
     token
+}
+
+/// Ends the process by `signal`'s default action, so that systemd and shells
+/// see it killed by that signal (a stop, not a failure), as if never caught.
+fn die_by(signal: i32) -> ! {
+    // SAFETY: resetting a signal's action and raising it touch no Rust state.
+    unsafe {
+        libc::signal(signal, libc::SIG_DFL);
+        libc::raise(signal);
+    }
+    std::process::exit(128 + signal)
 }

@@ -1441,7 +1441,10 @@ async fn hostile_input_campaign() {
         let _ = l.await;
     }
     let normal_max_s = normal.iter().map(|n| n.1).fold(0.0, f64::max);
-    let normal_ok = normal.iter().all(|(s, l)| *s == Some(202) && *l < 5.0);
+    // Queued behind the slow clients, every request would take about a header
+    // or body timeout (1-2 s); a busy machine may stall one or two.
+    let quick = normal.iter().filter(|(_, l)| *l < 1.0).count();
+    let normal_ok = normal.iter().all(|(s, _)| *s == Some(202)) && quick >= normal.len() - 2;
     if !normal_ok {
         tally
             .lock()

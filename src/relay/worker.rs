@@ -54,9 +54,16 @@ pub async fn run(
     let poll = Duration::from_millis(shared.config.poll_interval_ms);
     let schedule = || super::retry_forever(Duration::from_millis(200), Duration::from_secs(5));
     let mut backoff = schedule();
+    // An error that is no outage (a missing privilege, say): logged once, and
+    // retried with backoff rather than on every wake-up.
+    let mut failing: Option<String> = None;
     while !shutdown.is_cancelled() {
         shared.heartbeat.beat();
-        let pause = match run_batch(&shared).await {
+        let result = run_batch(&shared).await;
+        if result.is_ok() && failing.take().is_some() {
+            tracing::info!(relay_id = %shared.relay_id, "batches succeed again");
+        }
+        let pause = match result {
             Ok(Some(Progress {
                 mongo_down: false,
                 rows,
@@ -80,16 +87,26 @@ pub async fn run(
                 backoff = schedule();
                 idle_wait(&shared, poll).await
             }
+            Err(e) if is_transient(&e) => {
+                shared.postgres.failed(&db::summarize_any(&e));
+                backoff.next()
+            }
             Err(e) => {
-                super::failed(&shared, "batch", &e);
+                let error = db::summarize_any(&e);
+                if failing.as_ref() != Some(&error) {
+                    tracing::error!(error = %error, relay_id = %shared.relay_id, "batch failed; retrying with backoff");
+                }
+                failing = Some(error);
                 backoff.next()
             }
         };
         let pause = pause.unwrap_or(poll);
+        let woken =
+            failing.is_none() && !shared.mongodb.is_unreachable() && !shared.postgres.is_down();
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = wake.notified(), if !shared.mongodb.is_unreachable() && !shared.postgres.is_down() => {}
-            _ = nudge.notified(), if !shared.mongodb.is_unreachable() && !shared.postgres.is_down() => {}
+            _ = wake.notified(), if woken => {}
+            _ = nudge.notified(), if woken => {}
             _ = tokio::time::sleep(pause) => {}
         }
     }
@@ -190,15 +207,13 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
         // Not an attempt: the rows were never sent. The next claim takes them.
         match outbox::release(&client, &shared.relay_id, Some((&late, batch.locked_until))).await {
             Ok(n) => {
+                // Rows not given back had already lost their lease to rescue or
+                // a new holder: they are not ours to release.
                 tracing::warn!(
-                    rows = n, relay_id = %shared.relay_id, lease_s = config.lease_s,
+                    rows = n, not_held = late.len() as u64 - n.min(late.len() as u64),
+                    relay_id = %shared.relay_id, lease_s = config.lease_s,
                     "rows given back unwritten: the lease would end before their writes could finish; raise relay.lease_s or lower relay.batch_size"
                 );
-                // The others' lease had already ended: rescue or a new holder has them.
-                let lost = late.len() as u64 - n.min(late.len() as u64);
-                if lost > 0 {
-                    metrics::counter!("outboxd_relay_rows_stale_total").increment(lost);
-                }
             }
             Err(e) => {
                 tracing::warn!(error = %db::summarize(&e), "could not give rows back; their leases will expire")
