@@ -290,7 +290,7 @@ async fn roles_allow_each_job_and_nothing_else() {
     assert!(format!("{err:?}").contains("permission denied"));
 
     // A dashboard sees where every row stands, but no e-mail's content.
-    let as_readonly = connect(readonly_url).await;
+    let as_readonly = connect(readonly_url.clone()).await;
     for sql in [
         "SELECT * FROM outbox_status",
         "SELECT * FROM outbox_failed",
@@ -309,6 +309,40 @@ async fn roles_allow_each_job_and_nothing_else() {
     }
     drop((as_ingest, as_relay, as_readonly));
     drop(r);
+
+    // A relay without the rights it needs: its failing claim is no outage. It is
+    // logged once per worker and retried with backoff, not on every NOTIFY.
+    env.seed(3, 3).await;
+    let mut readonly_vars = env.child_env();
+    readonly_vars.retain(|(k, _)| k != "DATABASE_URL");
+    readonly_vars.push(("DATABASE_URL".into(), readonly_url));
+    let denied = Proc::spawn(&["relay", "--id", "denied"], &readonly_vars, "denied-relay");
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            denied.log_text().contains("batch failed")
+        })
+        .await,
+        "{}",
+        denied.log_text()
+    );
+    for _ in 0..30 {
+        pg.execute("SELECT pg_notify($1, '')", &[&outboxd::outbox::CHANNEL])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = denied.log_text();
+    assert!(
+        log.matches("batch failed").count() <= 2,
+        "one line per worker:\n{log}"
+    );
+    assert!(!log.contains("PostgreSQL unavailable"), "{log}");
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox_messages WHERE status <> 'pending'")
+            .await,
+        0
+    );
+    drop(denied);
     // Login roles are cluster-wide: remove them (the database goes with the test).
     let roles = format!("{ingest_role}, {relay_role}, {readonly_role}");
     let _ = pg.batch_execute(&format!("DROP OWNED BY {roles}")).await;
