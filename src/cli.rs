@@ -23,12 +23,20 @@ pub enum Command {
     /// Apply pending schema migrations from sql/ (safe to run again, and concurrently).
     Migrate,
     /// Serve the Zendesk webhook endpoint (POST /webhooks/email).
+    #[command(
+        after_help = "SIGTERM or Ctrl-C: stop accepting, finish the requests in flight \
+                      (up to ingest.shutdown_timeout_s), exit 0. A second signal ends it at once."
+    )]
     Ingest {
         /// Address to listen on (overrides `ingest.listen`).
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
     /// Relay outbox rows to MongoDB; run as many as you like.
+    #[command(
+        after_help = "SIGTERM or Ctrl-C: stop claiming, finish or give back the batches in hand \
+                      (up to relay.shutdown_timeout_s), exit 0. A second signal ends it at once."
+    )]
     Relay {
         /// Relay id recorded on the rows it holds (default: hostname-pid).
         #[arg(long)]

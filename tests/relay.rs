@@ -175,6 +175,79 @@ async fn rows_too_late_for_their_lease_go_back_unwritten_and_uncounted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_write_keeps_its_row_held_until_it_surely_landed() {
+    // FerretDB's guarded update is not atomic, so a write that got no answer
+    // must not be overtaken by a newer one of its aggregate while it may still
+    // land: its row stays `processing` through the wait, even if the session
+    // holding the aggregate's lock dies, and only then counts as an attempt.
+    let env = TestEnv::new().await;
+    let ferret = Ferret::start().await;
+    let mut config = env.config();
+    config.mongodb.url = ferret.url(&env.name).into();
+    config.mongodb.timeout_ms = 3000;
+    config.relay.lease_s = 60;
+    let shared = std::sync::Arc::new(outboxd::relay::worker::Shared {
+        relay_id: "unanswered".into(),
+        config: config.relay.clone(),
+        pool: outboxd::db::pool(&config.database).unwrap(),
+        sink: mongo::connect(&config.mongodb).await.unwrap(),
+        postgres: outboxd::relay::health::Health::new("PostgreSQL"),
+        mongodb: outboxd::relay::health::Health::new("MongoDB"),
+        heartbeat: outboxd::systemd::Heartbeat::new(Duration::from_secs(70)),
+    });
+    // The database and collection first, with time to spare on a busy machine;
+    // then a first batch, so that the sink is connected before FerretDB stops.
+    let mut warm = config.mongodb.clone();
+    warm.timeout_ms = 30_000;
+    let warm = mongo::connect(&warm).await.unwrap();
+    let created = warm.apply(&[claimed(1, "warm/K", "1.00")], 1, far()).await;
+    assert_eq!(created[&1], Outcome::Applied);
+    env.seed(1, 1).await;
+    let first = outboxd::relay::worker::run_batch(&shared).await.unwrap();
+    assert_eq!(first.map(|p| p.rows()), Some(1));
+    assert_eq!(
+        env.unsynced().await,
+        0,
+        "a first write while FerretDB answers"
+    );
+
+    env.seed(1, 1).await;
+    ferret.signal("STOP");
+    let started = Instant::now();
+    let task = tokio::spawn({
+        let shared = shared.clone();
+        async move { outboxd::relay::worker::run_batch(&shared).await }
+    });
+    let pending = "SELECT count(*) FROM outbox_messages WHERE status = 'pending'";
+    let mut became_pending = None;
+    while !task.is_finished() && started.elapsed() < Duration::from_secs(60) {
+        if became_pending.is_none() && env.count(pending).await == 1 {
+            became_pending = Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let finished = started.elapsed();
+    ferret.signal("CONT");
+    assert!(task.is_finished(), "run_batch returns after the wait");
+    task.await.unwrap().unwrap();
+    // The write timed out after 3 s and the wait took 6 s more: the row went
+    // back to pending only at its end, not when the write timed out.
+    if let Some(at) = became_pending {
+        assert!(
+            finished - at < Duration::from_secs(3),
+            "pending at {at:?}, batch done at {finished:?}"
+        );
+    }
+    assert!(finished >= Duration::from_secs(9), "{finished:?}");
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox_messages WHERE status = 'pending' AND attempts = 1")
+            .await,
+        1,
+        "the attempt is counted after the wait"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_relays_sync_every_row_and_leave_every_document_latest() {
     let env = TestEnv::new().await;
     env.seed(10_000, 100).await;

@@ -183,24 +183,28 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     let mut applied = Vec::new();
     let mut late = Vec::new();
     let mut failures: BTreeMap<(bool, String), Vec<i64>> = BTreeMap::new();
+    let mut unanswered: BTreeMap<(bool, String), Vec<i64>> = BTreeMap::new();
     for row in &batch.rows {
         match &outcomes[&row.id] {
             Outcome::Applied => applied.push(row.id),
             Outcome::Late => late.push(row.id),
-            Outcome::Transient(e) | Outcome::Unanswered(e) => {
-                failures.entry((false, e.clone())).or_default().push(row.id)
-            }
+            Outcome::Transient(e) => failures.entry((false, e.clone())).or_default().push(row.id),
+            Outcome::Unanswered(e) => unanswered
+                .entry((false, e.clone()))
+                .or_default()
+                .push(row.id),
             Outcome::Permanent(e) => failures.entry((true, e.clone())).or_default().push(row.id),
         }
     }
-    let mongo_down = failures.keys().any(|(permanent, _)| !permanent);
-    match failures.keys().find(|(permanent, _)| !permanent) {
+    let transient = failures
+        .keys()
+        .chain(unanswered.keys())
+        .find(|(permanent, _)| !permanent);
+    let mongo_down = transient.is_some();
+    match transient {
         Some((_, error)) => shared.mongodb.failed(error),
         None => shared.mongodb.ok(),
     }
-    let unanswered = outcomes
-        .values()
-        .any(|o| matches!(o, Outcome::Unanswered(_)));
     let marked = mark(shared, &client, &batch, applied, failures).await;
     shared.heartbeat.beat();
     if !late.is_empty() {
@@ -220,11 +224,18 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
             }
         }
     }
-    if unanswered {
-        // A write that timed out may still land: keep its aggregates locked until
-        // it surely has, or a newer write could be overtaken by it.
+    let marked = if unanswered.is_empty() {
+        marked
+    } else {
+        // A write that timed out may still land, and FerretDB's guarded update
+        // is not atomic: until it surely has, its rows stay `processing` (which
+        // bars claims of their aggregates even if this session dies) and their
+        // aggregates locked, or a newer write could be overtaken by it.
         tokio::time::sleep(shared.sink.timeout() * 2).await;
-    }
+        shared.heartbeat.beat();
+        let counted = mark(shared, &client, &batch, Vec::new(), unanswered).await;
+        marked.and(counted)
+    };
     release_locks(client).await;
     marked?;
     Ok(Some(Progress {

@@ -439,6 +439,16 @@ impl Ferret {
             let _ = child.wait();
         }
     }
+
+    /// Sends `signal` (`STOP`, `CONT`, …) to the running FerretDB.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("FerretDB is running").id();
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
 }
 
 impl Drop for Ferret {
