@@ -145,6 +145,22 @@ async fn no_write_starts_once_the_lease_is_too_short_to_finish_it() {
     );
 }
 
+/// What a relay's workers share, to call `run_batch` in the test's process.
+async fn in_process(
+    config: &outboxd::config::Config,
+    relay_id: &str,
+) -> outboxd::relay::worker::Shared {
+    outboxd::relay::worker::Shared {
+        relay_id: relay_id.into(),
+        config: config.relay.clone(),
+        pool: outboxd::db::pool(&config.database).unwrap(),
+        sink: mongo::connect(&config.mongodb).await.unwrap(),
+        postgres: outboxd::relay::health::Health::new("PostgreSQL"),
+        mongodb: outboxd::relay::health::Health::new("MongoDB"),
+        heartbeat: outboxd::systemd::Heartbeat::new(Duration::from_secs(config.relay.lease_s + 10)),
+    }
+}
+
 #[tokio::test]
 async fn rows_too_late_for_their_lease_go_back_unwritten_and_uncounted() {
     let env = TestEnv::new().await;
@@ -153,15 +169,7 @@ async fn rows_too_late_for_their_lease_go_back_unwritten_and_uncounted() {
     let mut config = env.config();
     config.relay.lease_s = 1;
     config.mongodb.timeout_ms = 1000;
-    let shared = outboxd::relay::worker::Shared {
-        relay_id: "late-relay".into(),
-        config: config.relay.clone(),
-        pool: outboxd::db::pool(&config.database).unwrap(),
-        sink: mongo::connect(&config.mongodb).await.unwrap(),
-        postgres: outboxd::relay::health::Health::new("PostgreSQL"),
-        mongodb: outboxd::relay::health::Health::new("MongoDB"),
-        heartbeat: outboxd::systemd::Heartbeat::new(Duration::from_secs(11)),
-    };
+    let shared = in_process(&config, "late-relay").await;
     let progress = outboxd::relay::worker::run_batch(&shared).await.unwrap();
     assert_eq!(progress.map(|p| p.rows()), Some(3));
     assert_eq!(
@@ -186,15 +194,7 @@ async fn an_unanswered_write_keeps_its_row_held_until_it_surely_landed() {
     config.mongodb.url = ferret.url(&env.name).into();
     config.mongodb.timeout_ms = 3000;
     config.relay.lease_s = 60;
-    let shared = std::sync::Arc::new(outboxd::relay::worker::Shared {
-        relay_id: "unanswered".into(),
-        config: config.relay.clone(),
-        pool: outboxd::db::pool(&config.database).unwrap(),
-        sink: mongo::connect(&config.mongodb).await.unwrap(),
-        postgres: outboxd::relay::health::Health::new("PostgreSQL"),
-        mongodb: outboxd::relay::health::Health::new("MongoDB"),
-        heartbeat: outboxd::systemd::Heartbeat::new(Duration::from_secs(70)),
-    });
+    let shared = std::sync::Arc::new(in_process(&config, "unanswered").await);
     // The database and collection first, with time to spare on a busy machine;
     // then a first batch, so that the sink is connected before FerretDB stops.
     let mut warm = config.mongodb.clone();
