@@ -60,7 +60,9 @@ pub async fn run(
     while !shutdown.is_cancelled() {
         shared.heartbeat.beat();
         let result = run_batch(&shared).await;
-        if result.is_ok() && failing.take().is_some() {
+        // A ping while MongoDB is down claims nothing, so it proves nothing.
+        let claimed = matches!(&result, Ok(None) | Ok(Some(Progress { rows: 1.., .. })));
+        if claimed && failing.take().is_some() {
             tracing::info!(relay_id = %shared.relay_id, "batches succeed again");
         }
         let pause = match result {
@@ -331,7 +333,12 @@ async fn mark(
                 );
             }
         }
-        stale(shared, &ids, moved.iter().map(|m| m.0), &rows_by_id);
+        // Not applied, so not stale: rescue counted the attempt once the lease
+        // ended, or a new holder has the row.
+        let unmoved = ids.len() - moved.len().min(ids.len());
+        if unmoved > 0 {
+            tracing::debug!(rows = unmoved, relay_id = %shared.relay_id, "failed attempts already taken back with their lease");
+        }
     }
     Ok(())
 }
