@@ -243,6 +243,29 @@ pub async fn mark_synced(
 }
 
 /// Records a failed attempt on held rows: back to `pending` at
+/// Extends the lease of held rows to at least `now + extra_s`, so that rescue
+/// leaves them alone while a write of theirs may still land. Returns the new
+/// lease, or `None` when none of them was still held.
+pub async fn extend_lease(
+    client: &impl GenericClient,
+    ids: &[i64],
+    relay_id: &str,
+    locked_until: DateTime<Utc>,
+    extra_s: f64,
+) -> Result<Option<DateTime<Utc>>, Error> {
+    const SQL: &str = "
+        UPDATE outbox_messages
+        SET locked_until = greatest(locked_until, now() + $4 * interval '1 second'),
+            updated_at = now()
+        WHERE id = ANY($1) AND status = 'processing' AND locked_by = $2 AND locked_until = $3
+        RETURNING locked_until";
+    let stmt = client.prepare_cached(SQL).await?;
+    let rows = client
+        .query(&stmt, &[&ids, &relay_id, &locked_until, &extra_s])
+        .await?;
+    Ok(rows.first().map(|r| r.get(0)))
+}
+
 /// `now + min(cap, base·2^attempts)` with equal jitter, or `failed` (and the e-mail
 /// with it) when `permanent` or out of attempts. Returns `(id, status)` per row moved.
 #[allow(clippy::too_many_arguments)]

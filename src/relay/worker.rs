@@ -232,10 +232,30 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
         // A write that timed out may still land, and FerretDB's guarded update
         // is not atomic: until it surely has, its rows stay `processing` (which
         // bars claims of their aggregates even if this session dies) and their
-        // aggregates locked, or a newer write could be overtaken by it.
-        tokio::time::sleep(shared.sink.timeout() * 2).await;
+        // aggregates locked, or a newer write could be overtaken by it. The
+        // wait may outlast the lease, which is extended so that rescue does
+        // not hand the rows on meanwhile.
+        let wait = shared.sink.timeout() * 2;
+        let ids: Vec<i64> = unanswered.values().flatten().copied().collect();
+        let extended = match connection(shared, &client).await {
+            Ok(c) => {
+                let extra = (wait + shared.sink.timeout()).as_secs_f64();
+                outbox::extend_lease(&*c, &ids, &shared.relay_id, batch.locked_until, extra)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::debug!(error = %db::summarize(&e), "could not extend the lease of rows whose write got no answer");
+                        None
+                    })
+            }
+            Err(_) => None,
+        };
+        tokio::time::sleep(wait).await;
         shared.heartbeat.beat();
-        let counted = mark(shared, &client, &batch, Vec::new(), unanswered).await;
+        let held = Batch {
+            rows: batch.rows.clone(),
+            locked_until: extended.unwrap_or(batch.locked_until),
+        };
+        let counted = mark(shared, &client, &held, Vec::new(), unanswered).await;
         marked.and(counted)
     };
     release_locks(client).await;
