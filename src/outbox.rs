@@ -242,7 +242,6 @@ pub async fn mark_synced(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// Records a failed attempt on held rows: back to `pending` at
 /// Extends the lease of held rows to at least `now + extra_s`, so that rescue
 /// leaves them alone while a write of theirs may still land. Returns the new
 /// lease, or `None` when none of them was still held.
@@ -266,6 +265,7 @@ pub async fn extend_lease(
     Ok(rows.first().map(|r| r.get(0)))
 }
 
+/// Records a failed attempt on held rows: back to `pending` at
 /// `now + min(cap, base·2^attempts)` with equal jitter, or `failed` (and the e-mail
 /// with it) when `permanent` or out of attempts. Returns `(id, status)` per row moved.
 #[allow(clippy::too_many_arguments)]
