@@ -216,7 +216,7 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
                 // Rows not given back had already lost their lease to rescue or
                 // a new holder: they are not ours to release.
                 tracing::warn!(
-                    rows = n, not_held = late.len() as u64 - n.min(late.len() as u64),
+                    rows = n, not_held = (late.len() as u64).saturating_sub(n),
                     relay_id = %shared.relay_id, lease_s = config.lease_s,
                     "rows given back unwritten: the lease would end before their writes could finish; raise relay.lease_s or lower relay.batch_size"
                 );
@@ -229,34 +229,7 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     let marked = if unanswered.is_empty() {
         marked
     } else {
-        // A write that timed out may still land, and FerretDB's guarded update
-        // is not atomic: until it surely has, its rows stay `processing` (which
-        // bars claims of their aggregates even if this session dies) and their
-        // aggregates locked, or a newer write could be overtaken by it. The
-        // wait may outlast the lease, which is extended so that rescue does
-        // not hand the rows on meanwhile.
-        let wait = shared.sink.timeout() * 2;
-        let ids: Vec<i64> = unanswered.values().flatten().copied().collect();
-        let extended = match connection(shared, &client).await {
-            Ok(c) => {
-                let extra = (wait + shared.sink.timeout()).as_secs_f64();
-                outbox::extend_lease(&*c, &ids, &shared.relay_id, batch.locked_until, extra)
-                    .await
-                    .unwrap_or_else(|e| {
-                        tracing::debug!(error = %db::summarize(&e), "could not extend the lease of rows whose write got no answer");
-                        None
-                    })
-            }
-            Err(_) => None,
-        };
-        tokio::time::sleep(wait).await;
-        shared.heartbeat.beat();
-        let held = Batch {
-            rows: batch.rows.clone(),
-            locked_until: extended.unwrap_or(batch.locked_until),
-        };
-        let counted = mark(shared, &client, &held, Vec::new(), unanswered).await;
-        marked.and(counted)
+        marked.and(await_unanswered(shared, &client, &batch, unanswered).await)
     };
     release_locks(client).await;
     marked?;
@@ -355,12 +328,47 @@ async fn mark(
         }
         // Not applied, so not stale: rescue counted the attempt once the lease
         // ended, or a new holder has the row.
-        let unmoved = ids.len() - moved.len().min(ids.len());
+        let unmoved = ids.len().saturating_sub(moved.len());
         if unmoved > 0 {
             tracing::debug!(rows = unmoved, relay_id = %shared.relay_id, "failed attempts already taken back with their lease");
         }
     }
     Ok(())
+}
+
+/// Waits out writes that got no answer, then counts their attempts. A write that
+/// timed out may still land, and FerretDB's guarded update is not atomic: until
+/// it surely has, its rows stay `processing` (which bars claims of their
+/// aggregates even if this session dies) and their aggregates locked, or a newer
+/// write could be overtaken by it. The wait may outlast the lease, which is
+/// extended so that rescue does not hand the rows on meanwhile.
+async fn await_unanswered(
+    shared: &Shared,
+    client: &Object,
+    batch: &Batch,
+    unanswered: BTreeMap<(bool, String), Vec<i64>>,
+) -> anyhow::Result<()> {
+    let wait = shared.sink.timeout() * 2;
+    let ids: Vec<i64> = unanswered.values().flatten().copied().collect();
+    let extended = match connection(shared, client).await {
+        Ok(c) => {
+            let extra = (wait + shared.sink.timeout()).as_secs_f64();
+            outbox::extend_lease(&*c, &ids, &shared.relay_id, batch.locked_until, extra)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::debug!(error = %db::summarize(&e), "could not extend the lease of rows whose write got no answer");
+                    None
+                })
+        }
+        Err(_) => None,
+    };
+    tokio::time::sleep(wait).await;
+    shared.heartbeat.beat();
+    let held = Batch {
+        rows: batch.rows.clone(),
+        locked_until: extended.unwrap_or(batch.locked_until),
+    };
+    mark(shared, client, &held, Vec::new(), unanswered).await
 }
 
 /// The batch's own connection while it is open, else a pooled one. A worker thus
