@@ -547,16 +547,15 @@ async fn probes_and_metrics_answer() {
     ingest.stop().await;
 }
 
-#[tokio::test]
-async fn sigterm_with_requests_in_flight_loses_none() {
-    let env = TestEnv::new().await;
+/// `outboxd ingest` as its own process (to send it signals) on a free port,
+/// once it answers `/healthz`.
+async fn ingest_process(vars: &[(String, String)]) -> (Proc, u16) {
     let port = free_port();
-    let mut ingest = Proc::spawn(
+    let ingest = Proc::spawn(
         &["ingest", "--listen", &format!("127.0.0.1:{port}")],
-        &env.child_env(),
+        vars,
         "ingest",
     );
-    let url = format!("http://127.0.0.1:{port}/webhooks/email");
     let http = reqwest::Client::new();
     assert!(
         eventually(Duration::from_secs(10), || {
@@ -568,8 +567,18 @@ async fn sigterm_with_requests_in_flight_loses_none() {
                     .is_ok()
             }
         })
-        .await
+        .await,
+        "ingest answers /healthz"
     );
+    (ingest, port)
+}
+
+#[tokio::test]
+async fn sigterm_with_requests_in_flight_loses_none() {
+    let env = TestEnv::new().await;
+    let (mut ingest, port) = ingest_process(&env.child_env()).await;
+    let url = format!("http://127.0.0.1:{port}/webhooks/email");
+    let http = reqwest::Client::new();
     let mut tasks = Vec::new();
     for n in 0..200u64 {
         let (http, url) = (http.clone(), url.clone());
@@ -630,7 +639,6 @@ async fn sigterm_with_requests_in_flight_loses_none() {
 #[tokio::test]
 async fn a_second_signal_cuts_the_drain_short() {
     let env = TestEnv::new().await;
-    let port = free_port();
     let mut child_env = env.child_env();
     child_env.extend([
         ("OUTBOXD__INGEST__SHUTDOWN_TIMEOUT_S".into(), "120".into()),
@@ -639,24 +647,7 @@ async fn a_second_signal_cuts_the_drain_short() {
             "120000".into(),
         ),
     ]);
-    let mut ingest = Proc::spawn(
-        &["ingest", "--listen", &format!("127.0.0.1:{port}")],
-        &child_env,
-        "ingest",
-    );
-    let http = reqwest::Client::new();
-    assert!(
-        eventually(Duration::from_secs(10), || {
-            let http = http.clone();
-            async move {
-                http.get(format!("http://127.0.0.1:{port}/healthz"))
-                    .send()
-                    .await
-                    .is_ok()
-            }
-        })
-        .await
-    );
+    let (mut ingest, port) = ingest_process(&child_env).await;
     // A webhook whose body never comes holds the drain open. The server's
     // "100 Continue" shows that the handler is waiting for that body.
     let mut stalled = tokio::net::TcpStream::connect(("127.0.0.1", port))
