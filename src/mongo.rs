@@ -20,6 +20,7 @@ use mongodb::error::{Error as MongoError, ErrorKind};
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Database};
 use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::MongoConfig;
 use crate::money::Amount;
@@ -53,8 +54,33 @@ pub enum Outcome {
     Unanswered(String),
     /// The document was rejected; retrying cannot help.
     Permanent(String),
-    /// Not sent: the batch's lease would end before the write could finish.
+    /// Not sent: the batch's lease would end before the write could finish, or
+    /// the relay is shutting down.
     Late,
+}
+
+/// When writes may no longer start: the last instant a write can still finish
+/// within the batch's lease, or shutdown, whichever comes first.
+#[derive(Clone, Debug)]
+pub struct StartBy {
+    last: Instant,
+    stop: CancellationToken,
+}
+
+impl StartBy {
+    pub fn new(last: Instant, stop: CancellationToken) -> StartBy {
+        StartBy { last, stop }
+    }
+
+    fn passed(&self) -> bool {
+        self.stop.is_cancelled() || Instant::now() > self.last
+    }
+}
+
+impl From<Instant> for StartBy {
+    fn from(last: Instant) -> StartBy {
+        StartBy::new(last, CancellationToken::new())
+    }
 }
 
 /// Builds a client with bounded timeouts; it connects lazily.
@@ -123,15 +149,17 @@ impl Sink {
     /// Applies a batch: coalesces messages per aggregate to the newest, writes those in
     /// `concurrency` update commands, and answers an outcome per message id.
     ///
-    /// No write starts after `last_start`: one started later could outlive the
-    /// batch's lease, while another relay already writes the same aggregate.
-    /// Its rows answer `Late`.
+    /// No write starts after `start_by`: one started later could outlive the
+    /// batch's lease, while another relay already writes the same aggregate; and
+    /// at shutdown, rows not yet sent are better given back than held. Their
+    /// rows answer `Late`.
     pub async fn apply(
         &self,
         rows: &[Claimed],
         concurrency: usize,
-        last_start: Instant,
+        start_by: impl Into<StartBy>,
     ) -> HashMap<i64, Outcome> {
+        let start_by = start_by.into();
         let mut outcomes = HashMap::with_capacity(rows.len());
         let mut newest: HashMap<&str, Write> = HashMap::new();
         for row in rows {
@@ -161,7 +189,7 @@ impl Sink {
         // Aggregates seen for the first time are created by one insert; an
         // existing `_id` answers 11000 and takes the guarded update. An insert
         // never overwrites, so it cannot move a document backwards.
-        let (mut by_aggregate, existing) = if Instant::now() > last_start {
+        let (mut by_aggregate, existing) = if start_by.passed() {
             (
                 writes
                     .into_iter()
@@ -180,8 +208,9 @@ impl Sink {
         let updated: Vec<(String, Outcome)> = futures_util::stream::iter(existing)
             .map(move |write: Write| {
                 let sink = sink.clone();
+                let start_by = start_by.clone();
                 async move {
-                    let outcome = sink.write_guarded(&write, last_start).await;
+                    let outcome = sink.write_guarded(&write, &start_by).await;
                     (write.aggregate_id, outcome)
                 }
             })
@@ -248,7 +277,7 @@ impl Sink {
 
     /// One guarded upsert. A duplicate key is retried once: it may be a racing
     /// first insert of an older message, not a newer document.
-    async fn write_guarded(&self, row: &Write, last_start: Instant) -> Outcome {
+    async fn write_guarded(&self, row: &Write, start_by: &StartBy) -> Outcome {
         let command = doc! {
             "update": &self.collection,
             "updates": [{
@@ -260,7 +289,7 @@ impl Sink {
             }],
         };
         for round in 0..2 {
-            if Instant::now() > last_start {
+            if start_by.passed() {
                 return Outcome::Late;
             }
             let reply = match self.run_write(command.clone()).await {

@@ -325,22 +325,33 @@ pub async fn unlock_aggregates(client: &impl GenericClient) -> Result<(), Error>
         .map(|_| ())
 }
 
-/// Gives held rows back untouched: `pending`, due now, attempts unchanged. All of
-/// this relay's rows (shutdown), or `ids` under the lease `locked_until`.
+/// Gives held rows back untouched: `pending`, due now, attempts unchanged; only
+/// `ids` still held under the lease `locked_until`.
 pub async fn release(
     client: &impl GenericClient,
     relay_id: &str,
-    held: Option<(&[i64], DateTime<Utc>)>,
+    ids: &[i64],
+    locked_until: DateTime<Utc>,
 ) -> Result<u64, Error> {
     let sql = "UPDATE outbox_messages
                SET status = 'pending', locked_by = NULL, locked_until = NULL, next_attempt_at = now(), updated_at = now()
-               WHERE status = 'processing' AND locked_by = $1
-                 AND ($2::bigint[] IS NULL OR (id = ANY($2) AND locked_until = $3))";
-    let (ids, locked_until) = match held {
-        Some((ids, until)) => (Some(ids), Some(until)),
-        None => (None, None),
-    };
+               WHERE status = 'processing' AND locked_by = $1 AND id = ANY($2) AND locked_until = $3";
     client.execute(sql, &[&relay_id, &ids, &locked_until]).await
+}
+
+/// The rows a relay holds: how many, and when the last of their leases ends.
+pub async fn held_by(
+    client: &impl GenericClient,
+    relay_id: &str,
+) -> Result<(i64, Option<DateTime<Utc>>), Error> {
+    let row = client
+        .query_one(
+            "SELECT count(*), max(locked_until) FROM outbox_messages
+             WHERE status = 'processing' AND locked_by = $1",
+            &[&relay_id],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
 }
 
 /// Takes back rows whose relay died (lease expired): `pending` again with the attempt

@@ -158,6 +158,7 @@ async fn in_process(
         postgres: outboxd::relay::health::Health::new("PostgreSQL"),
         mongodb: outboxd::relay::health::Health::new("MongoDB"),
         heartbeat: outboxd::systemd::Heartbeat::new(Duration::from_secs(config.relay.lease_s + 10)),
+        shutdown: tokio_util::sync::CancellationToken::new(),
     }
 }
 
@@ -550,6 +551,86 @@ async fn sigterm_under_load_exits_0_and_leaves_nothing_processing() {
     let _next = relay(&env, "term2", &[("OUTBOXD__RELAY__BATCH_SIZE", "1000")]);
     assert!(env.wait_synced(Duration::from_secs(300)).await);
     assert_eq!(env.behind().await, vec![]);
+}
+
+#[tokio::test]
+async fn rows_claimed_at_shutdown_go_back_unwritten_and_uncounted() {
+    let env = TestEnv::new().await;
+    env.seed(3, 3).await;
+    let shared = in_process(&env.config(), "stopping").await;
+    // SIGTERM came after the claim: no write starts.
+    shared.shutdown.cancel();
+    let progress = outboxd::relay::worker::run_batch(&shared).await.unwrap();
+    assert_eq!(progress.map(|p| p.rows()), Some(3));
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox_messages WHERE status = 'pending' AND attempts = 0 AND locked_by IS NULL")
+            .await,
+        3,
+        "every row is pending again, with no attempt counted"
+    );
+    assert_eq!(env.docs().count_documents(doc! {}).await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_timeout_leaves_rows_whose_write_may_land_to_their_lease() {
+    // A write sent before SIGTERM may land whenever the server gets to it. Its
+    // row given back at the shutdown timeout could be claimed and written anew,
+    // then overtaken by the late write: it must wait for its lease instead.
+    let env = TestEnv::new().await;
+    let ferret = Ferret::start().await;
+    let url = ferret.url(&env.name);
+    let setting = [
+        ("MONGODB_URL", url.as_str()),
+        ("OUTBOXD__RELAY__SHUTDOWN_TIMEOUT_S", "3"),
+        ("OUTBOXD__RELAY__LEASE_S", "15"),
+    ];
+    let mut r = relay(&env, "overrun", &setting);
+    env.seed(1, 1).await;
+    assert!(
+        env.wait_synced(Duration::from_secs(30)).await,
+        "a first write while FerretDB answers"
+    );
+    ferret.signal("STOP");
+    env.seed(1, 1).await;
+    let processing = "SELECT count(*) FROM outbox_messages WHERE status = 'processing'";
+    let claimed = eventually(Duration::from_secs(10), || async {
+        env.count(processing).await == 1
+    })
+    .await;
+    assert!(claimed, "the relay claims the row and sends its write");
+    r.signal("TERM");
+    let status = r.wait_timeout(Duration::from_secs(10));
+    ferret.signal("CONT");
+    let status = status.expect("exits within the shutdown timeout");
+    assert!(status.success(), "{status:?}\n{}", r.log_text());
+    assert_eq!(
+        env.count(processing).await,
+        1,
+        "the row is still held, not given back:\n{}",
+        r.log_text()
+    );
+    assert!(
+        r.log_text()
+            .contains("rows still held go back to pending when their lease ends")
+    );
+    // Its lease ends 15 s after the claim; the next relay's rescue takes it then.
+    let _next = relay(&env, "overrun2", &setting);
+    assert!(env.wait_synced(Duration::from_secs(60)).await);
+    let client = mongodb::Client::with_uri_str(&url).await.unwrap();
+    let doc = client
+        .database(&env.name)
+        .collection::<mongodb::bson::Document>("creditor_debts")
+        .find_one(doc! { "_id": "C-0/K" })
+        .await
+        .unwrap()
+        .expect("the aggregate's document");
+    assert_eq!(doc.get_i64("outbox_id"), Ok(2), "{doc}");
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox_messages WHERE attempts = 1")
+            .await,
+        1,
+        "the lease's end counts the attempt"
+    );
 }
 
 #[tokio::test]

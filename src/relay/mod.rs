@@ -30,8 +30,9 @@ pub fn default_id() -> String {
     )
 }
 
-/// Runs until `shutdown`, then stops claiming, finishes the batches in hand (or,
-/// past the shutdown timeout, gives them back), and returns.
+/// Runs until `shutdown`, then stops claiming, gives back the rows not yet sent,
+/// finishes the writes in flight and their marks, and returns. Past the shutdown
+/// timeout it returns anyway, and the rows still held wait for their lease.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let relay_id = config.relay.id.clone().unwrap_or_else(default_id);
     let metrics = crate::telemetry::init_metrics(&[("relay_id", &relay_id)]);
@@ -55,6 +56,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         // A worker beats between steps; the longest, a batch's writes, ends with
         // its lease.
         heartbeat: Heartbeat::new(Duration::from_secs(config.relay.lease_s + 10)),
+        shutdown: shutdown.clone(),
     });
     shared.heartbeat.beat();
     metrics::gauge!("outboxd_relay_listener_connected").set(0.0);
@@ -84,12 +86,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     tasks.spawn(housekeeping(shared.clone(), background.clone()));
     let workers = TaskTracker::new();
     for wake in &wakers {
-        workers.spawn(worker::run(
-            shared.clone(),
-            wake.clone(),
-            nudge.clone(),
-            shutdown.clone(),
-        ));
+        workers.spawn(worker::run(shared.clone(), wake.clone(), nudge.clone()));
     }
     workers.close();
     tracing::info!(relay_id = %relay_id, workers = config.relay.workers, "relay started");
@@ -98,28 +95,31 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
 
     shutdown.cancelled().await;
     // The workers get the timeout less a tail, in which the rows still held are
-    // given back and the helpers and the driver close: all within the timeout.
+    // counted and the helpers and the driver close: all within the timeout.
     let timeout = Duration::from_secs(config.relay.shutdown_timeout_s);
     let step = (timeout / 6).min(Duration::from_secs(1));
     if tokio::time::timeout(timeout - 3 * step, workers.wait())
         .await
         .is_err()
     {
-        tracing::warn!("shutdown timeout: releasing the rows still held");
-        // A worker still applying may finish later; its mark then finds no lease.
-        let released = tokio::time::timeout(step, async {
-            outbox::release(&pool.get().await?, &relay_id, None)
+        // The workers have given back the rows they had not sent. Those still
+        // held have writes that may be in flight or may yet land: given back
+        // now, they could be written anew and then overtaken by the late write.
+        // Their lease, which outlasts any write started under it, returns them.
+        let held = tokio::time::timeout(step, async {
+            outbox::held_by(&pool.get().await?, &relay_id)
                 .await
                 .map_err(anyhow::Error::from)
         })
         .await;
-        match released {
-            Ok(Ok(n)) => tracing::info!(released = n, "rows given back"),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %db::summarize_any(&e), "could not release rows; their leases will expire")
-            }
-            Err(_) => tracing::warn!("could not release rows in time; their leases will expire"),
-        }
+        let (rows, lease_until) = match held {
+            Ok(Ok((rows, until))) => (Some(rows), until),
+            _ => (None, None),
+        };
+        tracing::warn!(
+            rows = ?rows, lease_until = ?lease_until,
+            "shutdown timeout: rows still held go back to pending when their lease ends"
+        );
     }
     background.cancel();
     watchdog.abort();

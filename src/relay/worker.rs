@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::health::Health;
 use crate::config::RelayConfig;
 use crate::db;
-use crate::mongo::{self, Outcome, Sink};
+use crate::mongo::{self, Outcome, Sink, StartBy};
 use crate::outbox::{self, Batch};
 use crate::systemd::Heartbeat;
 
@@ -35,6 +35,8 @@ pub struct Shared {
     pub postgres: Health,
     pub mongodb: Health,
     pub heartbeat: Heartbeat,
+    /// Cancelled on SIGTERM: workers stop claiming, and send no more writes.
+    pub shutdown: CancellationToken,
 }
 
 /// What one batch did.
@@ -45,12 +47,8 @@ pub struct Progress {
 
 /// `wake` is this worker's own wake-up; `nudge` is shared by the relay's workers
 /// and wakes one of them.
-pub async fn run(
-    shared: Arc<Shared>,
-    wake: Arc<Notify>,
-    nudge: Arc<Notify>,
-    shutdown: CancellationToken,
-) {
+pub async fn run(shared: Arc<Shared>, wake: Arc<Notify>, nudge: Arc<Notify>) {
+    let shutdown = shared.shutdown.clone();
     let poll = Duration::from_millis(shared.config.poll_interval_ms);
     let schedule = || super::retry_forever(Duration::from_millis(200), Duration::from_secs(5));
     let mut backoff = schedule();
@@ -176,7 +174,11 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     let started = Instant::now();
     let outcomes = shared
         .sink
-        .apply(&batch.rows, config.write_concurrency, last_start)
+        .apply(
+            &batch.rows,
+            config.write_concurrency,
+            StartBy::new(last_start, shared.shutdown.clone()),
+        )
         .await;
     metrics::histogram!("outboxd_relay_apply_duration_seconds")
         .record(started.elapsed().as_secs_f64());
@@ -211,16 +213,18 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     shared.heartbeat.beat();
     if !late.is_empty() {
         // Not an attempt: the rows were never sent. The next claim takes them.
-        match outbox::release(&client, &shared.relay_id, Some((&late, batch.locked_until))).await {
-            Ok(n) => {
-                // Rows not given back had already lost their lease to rescue or
-                // a new holder: they are not ours to release.
-                tracing::warn!(
-                    rows = n, not_held = (late.len() as u64).saturating_sub(n),
-                    relay_id = %shared.relay_id, lease_s = config.lease_s,
-                    "rows given back unwritten: the lease would end before their writes could finish; raise relay.lease_s or lower relay.batch_size"
-                );
-            }
+        match outbox::release(&client, &shared.relay_id, &late, batch.locked_until).await {
+            // Rows not given back had already lost their lease to rescue or a
+            // new holder: they are not ours to release.
+            Ok(n) if shared.shutdown.is_cancelled() => tracing::info!(
+                rows = n, not_held = (late.len() as u64).saturating_sub(n),
+                relay_id = %shared.relay_id, "rows given back unwritten: shutting down"
+            ),
+            Ok(n) => tracing::warn!(
+                rows = n, not_held = (late.len() as u64).saturating_sub(n),
+                relay_id = %shared.relay_id, lease_s = config.lease_s,
+                "rows given back unwritten: the lease would end before their writes could finish; raise relay.lease_s or lower relay.batch_size"
+            ),
             Err(e) => {
                 tracing::warn!(error = %db::summarize(&e), "could not give rows back; their leases will expire")
             }
