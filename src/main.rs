@@ -14,7 +14,14 @@ use outboxd::{check, ingest, migrate, ops, relay, shutdown, sign, telemetry};
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // Not clap's 2, which `status` answers for failed rows.
+            return ExitCode::from(if e.use_stderr() { 64 } else { 0 }); // EX_USAGE
+        }
+    };
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
         Err(e) => {

@@ -57,6 +57,12 @@ async fn status_matches_the_database() {
 
     let (code, table) = outboxd(&["status"], &env);
     assert_eq!(code, 2);
+    // A usage error is told apart from failed rows.
+    let (code, out) = outboxd(&["status", "--jsno"], &env);
+    assert_eq!(code, 64, "{out}");
+    assert!(out.contains("--jsno"), "{out}");
+    let (code, out) = outboxd(&["status", "--help"], &env);
+    assert_eq!(code, 0, "{out}");
     assert!(
         table.contains("failed") && table.contains("boom") && table.contains("r1"),
         "{table}"
