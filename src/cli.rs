@@ -34,8 +34,9 @@ pub enum Command {
     },
     /// Relay outbox rows to MongoDB; run as many as you like.
     #[command(
-        after_help = "SIGTERM or Ctrl-C: stop claiming, finish or give back the batches in hand \
-                      (up to relay.shutdown_timeout_s), exit 0. A second signal ends it at once."
+        after_help = "SIGTERM or Ctrl-C: stop claiming, give back the rows not yet sent, finish \
+                      the writes in flight (up to relay.shutdown_timeout_s; rows still held then \
+                      wait for their lease), exit 0. A second signal ends it at once."
     )]
     Relay {
         /// Relay id recorded on the rows it holds (default: hostname-pid).

@@ -325,33 +325,41 @@ pub async fn unlock_aggregates(client: &impl GenericClient) -> Result<(), Error>
         .map(|_| ())
 }
 
-/// Gives held rows back untouched: `pending`, due now, attempts unchanged; only
-/// `ids` still held under the lease `locked_until`.
+/// Gives held rows back untouched: `pending`, due now, attempts unchanged.
 pub async fn release(
     client: &impl GenericClient,
     relay_id: &str,
     ids: &[i64],
     locked_until: DateTime<Utc>,
 ) -> Result<u64, Error> {
-    let sql = "UPDATE outbox_messages
-               SET status = 'pending', locked_by = NULL, locked_until = NULL, next_attempt_at = now(), updated_at = now()
-               WHERE status = 'processing' AND locked_by = $1 AND id = ANY($2) AND locked_until = $3";
-    client.execute(sql, &[&relay_id, &ids, &locked_until]).await
+    const SQL: &str = "
+        UPDATE outbox_messages
+        SET status = 'pending', locked_by = NULL, locked_until = NULL, next_attempt_at = now(),
+            updated_at = now()
+        WHERE id = ANY($1) AND status = 'processing' AND locked_by = $2 AND locked_until = $3";
+    let stmt = client.prepare_cached(SQL).await?;
+    client
+        .execute(&stmt, &[&ids, &relay_id, &locked_until])
+        .await
 }
 
-/// The rows a relay holds: how many, and when the last of their leases ends.
-pub async fn held_by(
+/// `extend_lease` for every row a relay still holds, when its shutdown cut their
+/// writes short. Returns how many, and when the last lease now ends.
+pub async fn extend_held(
     client: &impl GenericClient,
     relay_id: &str,
-) -> Result<(i64, Option<DateTime<Utc>>), Error> {
-    let row = client
-        .query_one(
-            "SELECT count(*), max(locked_until) FROM outbox_messages
-             WHERE status = 'processing' AND locked_by = $1",
-            &[&relay_id],
-        )
-        .await?;
-    Ok((row.get(0), row.get(1)))
+    extra_s: f64,
+) -> Result<(usize, Option<DateTime<Utc>>), Error> {
+    const SQL: &str = "
+        UPDATE outbox_messages
+        SET locked_until = greatest(locked_until, now() + $2 * interval '1 second'),
+            updated_at = now()
+        WHERE status = 'processing' AND locked_by = $1
+        RETURNING locked_until";
+    let stmt = client.prepare_cached(SQL).await?;
+    let rows = client.query(&stmt, &[&relay_id, &extra_s]).await?;
+    let last = rows.iter().map(|r| r.get::<_, DateTime<Utc>>(0)).max();
+    Ok((rows.len(), last))
 }
 
 /// Takes back rows whose relay died (lease expired): `pending` again with the attempt

@@ -676,9 +676,13 @@ async fn chaos_campaign() {
                     }
                 }
                 let left = held_by(&mut pg, &relay.id).await;
-                if !left.is_empty() {
+                // Only past its shutdown timeout may a relay exit holding rows:
+                // their writes may yet land, so they wait for their lease.
+                let timeout = RELAY_SHUTDOWN_TIMEOUT_S as f64;
+                let workers_budget = timeout - 3.0 * (timeout / 6.0).min(1.0);
+                if !left.is_empty() && exit_s < workers_budget {
                     failures.push(format!(
-                        "{} exited after SIGTERM still holding rows {left:?}",
+                        "{} exited {exit_s:.2}s after SIGTERM, before its shutdown timeout, still holding rows {left:?}",
                         relay.id
                     ));
                 }

@@ -206,13 +206,13 @@ async fn an_unanswered_write_keeps_its_row_held_until_it_surely_landed() {
     let created = warm.apply(&[claimed(1, "warm/K", "1.00")], 1, far()).await;
     assert_eq!(created[&1], Outcome::Applied);
     env.seed(1, 1).await;
-    let first = outboxd::relay::worker::run_batch(&shared).await.unwrap();
-    assert_eq!(first.map(|p| p.rows()), Some(1));
-    assert_eq!(
-        env.unsynced().await,
-        0,
-        "a first write while FerretDB answers"
-    );
+    // On a busy machine a first write can outlast 3 s; it is then retried.
+    let first = eventually(Duration::from_secs(60), || async {
+        let _ = outboxd::relay::worker::run_batch(&shared).await;
+        env.unsynced().await == 0
+    })
+    .await;
+    assert!(first, "a first write while FerretDB answers");
 
     env.seed(1, 1).await;
     ferret.signal("STOP");
@@ -554,20 +554,25 @@ async fn sigterm_under_load_exits_0_and_leaves_nothing_processing() {
 }
 
 #[tokio::test]
-async fn rows_claimed_at_shutdown_go_back_unwritten_and_uncounted() {
+async fn a_stopping_relay_claims_nothing_and_sends_nothing() {
     let env = TestEnv::new().await;
     env.seed(3, 3).await;
     let shared = in_process(&env.config(), "stopping").await;
-    // SIGTERM came after the claim: no write starts.
     shared.shutdown.cancel();
     let progress = outboxd::relay::worker::run_batch(&shared).await.unwrap();
-    assert_eq!(progress.map(|p| p.rows()), Some(3));
+    assert!(progress.is_none(), "no claim after SIGTERM");
     assert_eq!(
         env.count("SELECT count(*) FROM outbox_messages WHERE status = 'pending' AND attempts = 0 AND locked_by IS NULL")
             .await,
         3,
-        "every row is pending again, with no attempt counted"
+        "every row is untouched"
     );
+    // A batch claimed just before SIGTERM: its writes not yet sent are not sent.
+    let rows = [claimed(1, "C-1/K", "1.00"), claimed(2, "C-2/K", "2.00")];
+    let stopped = mongo::StartBy::new(far(), shared.shutdown.clone());
+    let outcomes = shared.sink.apply(&rows, 4, stopped).await;
+    assert_eq!(outcomes[&1], Outcome::Late);
+    assert_eq!(outcomes[&2], Outcome::Late);
     assert_eq!(env.docs().count_documents(doc! {}).await.unwrap(), 0);
 }
 
@@ -582,7 +587,7 @@ async fn a_shutdown_timeout_leaves_rows_whose_write_may_land_to_their_lease() {
     let setting = [
         ("MONGODB_URL", url.as_str()),
         ("OUTBOXD__RELAY__SHUTDOWN_TIMEOUT_S", "3"),
-        ("OUTBOXD__RELAY__LEASE_S", "15"),
+        ("OUTBOXD__RELAY__LEASE_S", "10"),
     ];
     let mut r = relay(&env, "overrun", &setting);
     env.seed(1, 1).await;
@@ -597,7 +602,9 @@ async fn a_shutdown_timeout_leaves_rows_whose_write_may_land_to_their_lease() {
         env.count(processing).await == 1
     })
     .await;
-    assert!(claimed, "the relay claims the row and sends its write");
+    assert!(claimed, "the relay claims the row");
+    // The claim commits just before the write is sent; give the relay time to send it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     r.signal("TERM");
     let status = r.wait_timeout(Duration::from_secs(10));
     ferret.signal("CONT");
@@ -613,7 +620,13 @@ async fn a_shutdown_timeout_leaves_rows_whose_write_may_land_to_their_lease() {
         r.log_text()
             .contains("rows still held go back to pending when their lease ends")
     );
-    // Its lease ends 15 s after the claim; the next relay's rescue takes it then.
+    // The lease, 10 s from the claim, now ends 3 x 5 s (the MongoDB timeout)
+    // from the exit, so that the write lands before the row is handed on.
+    let left = env
+        .count("SELECT extract(epoch FROM max(locked_until) - now())::bigint FROM outbox_messages")
+        .await;
+    assert!(left >= 11, "lease extended: {left} s left");
+    // The next relay's rescue takes the row when that lease ends.
     let _next = relay(&env, "overrun2", &setting);
     assert!(env.wait_synced(Duration::from_secs(60)).await);
     let client = mongodb::Client::with_uri_str(&url).await.unwrap();
@@ -626,7 +639,7 @@ async fn a_shutdown_timeout_leaves_rows_whose_write_may_land_to_their_lease() {
         .expect("the aggregate's document");
     assert_eq!(doc.get_i64("outbox_id"), Ok(2), "{doc}");
     assert_eq!(
-        env.count("SELECT count(*) FROM outbox_messages WHERE attempts = 1")
+        env.count("SELECT count(*) FROM outbox_messages WHERE attempts >= 1")
             .await,
         1,
         "the lease's end counts the attempt"

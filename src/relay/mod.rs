@@ -94,20 +94,21 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     let watchdog = systemd::spawn_watchdog(shutdown.clone(), Some(shared.heartbeat.clone()));
 
     shutdown.cancelled().await;
-    // The workers get the timeout less a tail, in which the rows still held are
-    // counted and the helpers and the driver close: all within the timeout.
+    // The workers get the timeout less a tail, in which the leases of rows still
+    // held are extended and the helpers and the driver close: all within it.
     let timeout = Duration::from_secs(config.relay.shutdown_timeout_s);
     let step = (timeout / 6).min(Duration::from_secs(1));
     if tokio::time::timeout(timeout - 3 * step, workers.wait())
         .await
         .is_err()
     {
-        // The workers have given back the rows they had not sent. Those still
-        // held have writes that may be in flight or may yet land: given back
-        // now, they could be written anew and then overtaken by the late write.
-        // Their lease, which outlasts any write started under it, returns them.
+        // The workers gave back the rows they had not sent. The rows still held
+        // have writes that may yet land: given back, they could be written anew
+        // and then overtaken by the late write. They wait for their lease,
+        // extended as a worker would before waiting out an unanswered write.
+        let extra = (shared.sink.timeout() * 3).as_secs_f64();
         let held = tokio::time::timeout(step, async {
-            outbox::held_by(&pool.get().await?, &relay_id)
+            outbox::extend_held(&pool.get().await?, &relay_id, extra)
                 .await
                 .map_err(anyhow::Error::from)
         })

@@ -128,6 +128,9 @@ async fn idle_wait(shared: &Shared, poll: Duration) -> Option<Duration> {
 
 pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Error> {
     let config = &shared.config;
+    if shared.shutdown.is_cancelled() {
+        return Ok(None);
+    }
     // While MongoDB is down, probe it instead of claiming rows only to fail them.
     // A ping that answers is not the end of the outage (a server may answer but
     // refuse writes): only a batch written without transient errors is.
@@ -183,6 +186,8 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     metrics::histogram!("outboxd_relay_apply_duration_seconds")
         .record(started.elapsed().as_secs_f64());
     shared.heartbeat.beat();
+    // Rows came back `Late` while the lease had time left: shutdown stopped them.
+    let stopped = Instant::now() <= last_start;
 
     let mut applied = Vec::new();
     let mut late = Vec::new();
@@ -209,14 +214,13 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
         Some((_, error)) => shared.mongodb.failed(error),
         None => shared.mongodb.ok(),
     }
-    let marked = mark(shared, &client, &batch, applied, failures).await;
-    shared.heartbeat.beat();
     if !late.is_empty() {
-        // Not an attempt: the rows were never sent. The next claim takes them.
+        // Not an attempt: the rows were never sent. The next claim takes them;
+        // given back before the marks, which may retry for a while.
         match outbox::release(&client, &shared.relay_id, &late, batch.locked_until).await {
             // Rows not given back had already lost their lease to rescue or a
             // new holder: they are not ours to release.
-            Ok(n) if shared.shutdown.is_cancelled() => tracing::info!(
+            Ok(n) if stopped => tracing::info!(
                 rows = n, not_held = (late.len() as u64).saturating_sub(n),
                 relay_id = %shared.relay_id, "rows given back unwritten: shutting down"
             ),
@@ -230,6 +234,8 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
             }
         }
     }
+    let marked = mark(shared, &client, &batch, applied, failures).await;
+    shared.heartbeat.beat();
     let marked = if unanswered.is_empty() {
         marked
     } else {
