@@ -66,7 +66,7 @@ pub enum Command {
         #[arg(long)]
         repair: bool,
     },
-    /// Check PostgreSQL and MongoDB: one line each, non-zero exit when one is unreachable.
+    /// Check PostgreSQL (and its schema version) and MongoDB: one line each, exit 1 on a problem.
     Check,
     /// Print the Zendesk signature headers (or a curl command) for a body file.
     Sign {
