@@ -423,11 +423,13 @@ pub async fn delete_synced_before(
 
 /// Deletes up to `limit` expired idempotency keys. No `FOR UPDATE`: it needs
 /// UPDATE rights, which the relay's role has no business holding on keys; two
-/// relays deleting the same key just wait for each other.
+/// relays deleting the same key just wait for each other. The outer test of
+/// `expires_at` spares a key that ingest took over meanwhile (a new event with
+/// the same content): the subquery saw it expired, the delete sees it renewed.
 pub async fn delete_expired_keys(client: &impl GenericClient, limit: i64) -> Result<u64, Error> {
     client
         .execute(
-            "DELETE FROM idempotency_keys WHERE key IN (
+            "DELETE FROM idempotency_keys WHERE expires_at <= now() AND key IN (
                  SELECT key FROM idempotency_keys WHERE expires_at <= now() LIMIT $1)",
             &[&limit],
         )
