@@ -84,7 +84,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
 pub struct RetryArgs {
-    /// Requeue these failed rows.
+    /// Requeue these failed rows; exit 1, naming them, if some are not failed.
     #[arg(long, num_args = 1..)]
     pub id: Vec<i64>,
     /// Requeue every failed row.

@@ -165,16 +165,55 @@ pub async fn status(config: &Config, as_json: bool, watch: bool) -> anyhow::Resu
     }
 }
 
-/// `outboxd retry`: requeues failed rows and says how many.
+/// Rows requeued per transaction: after a long outage there may be a great many,
+/// and one huge transaction would hold back vacuum and lose all if cut short.
+const RETRY_BATCH: i64 = 1000;
+
+/// `outboxd retry`: requeues failed rows and says how many. With `--id`, names
+/// each id it left alone, and exits 1 if any.
 pub async fn retry(config: &Config, args: &RetryArgs) -> anyhow::Result<u8> {
     let client = client(config, true).await?;
     let ids = (!args.id.is_empty()).then_some(args.id.as_slice());
-    let n = outbox::requeue_failed(&client, ids, args.failed_since).await?;
-    if n > 0 {
-        outbox::notify(&client).await?;
+    let mut requeued = std::collections::BTreeSet::new();
+    let mut after = 0;
+    loop {
+        let moved =
+            outbox::requeue_failed(&client, ids, args.failed_since, after, RETRY_BATCH).await?;
+        if let Some(&last) = moved.last() {
+            // Relays start on each batch while the next is requeued.
+            outbox::notify(&client).await?;
+            after = last;
+        }
+        let done = (moved.len() as i64) < RETRY_BATCH;
+        requeued.extend(moved);
+        if done {
+            break;
+        }
     }
+    let n = requeued.len();
     println!("requeued {n} failed row{}", if n == 1 { "" } else { "s" });
-    Ok(0)
+    let Some(ids) = ids else { return Ok(0) };
+    let left: Vec<i64> = ids
+        .iter()
+        .copied()
+        .filter(|id| !requeued.contains(id))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if left.is_empty() {
+        return Ok(0);
+    }
+    let found: HashMap<i64, String> = outbox::statuses(&client, &left)
+        .await?
+        .into_iter()
+        .collect();
+    for id in &left {
+        match found.get(id) {
+            Some(status) => eprintln!("outbox row {id} is {status}, not failed: left as it is"),
+            None => eprintln!("no outbox row {id}"),
+        }
+    }
+    Ok(1)
 }
 
 /// Rows of audit output listed by id before the rest is only counted.

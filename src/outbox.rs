@@ -456,27 +456,49 @@ pub async fn counts(client: &impl GenericClient) -> Result<Vec<(String, i64)>, E
         .collect())
 }
 
-/// Moves failed rows back to `pending` with attempts reset, and their e-mails too.
-/// `ids` and `since` narrow the set; both `None` means every failed row.
+/// Moves up to `limit` failed rows with ids above `after` back to `pending`, with
+/// attempts reset, and their e-mails too. `ids` and `since` narrow the set; both
+/// `None` means every failed row. Returns the ids moved, in order.
 pub async fn requeue_failed(
     client: &impl GenericClient,
     ids: Option<&[i64]>,
     since: Option<DateTime<Utc>>,
-) -> Result<u64, Error> {
+    after: i64,
+    limit: i64,
+) -> Result<Vec<i64>, Error> {
     const SQL: &str = "
-        WITH moved AS (
-            UPDATE outbox_messages
-            SET status = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now()
-            WHERE status = 'failed'
+        WITH picked AS (
+            SELECT id FROM outbox_messages
+            WHERE status = 'failed' AND id > $3
               AND ($1::bigint[] IS NULL OR id = ANY($1))
               AND ($2::timestamptz IS NULL OR updated_at >= $2)
-            RETURNING id, email_id),
+            ORDER BY id LIMIT $4),
+        moved AS (
+            UPDATE outbox_messages o
+            SET status = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now()
+            FROM picked
+            WHERE o.id = picked.id AND o.status = 'failed'
+            RETURNING o.id, o.email_id),
         emails AS (
             UPDATE incoming_emails SET sync_status = 'pending'
             WHERE id IN (SELECT email_id FROM moved))
-        SELECT count(*) FROM moved";
-    let n: i64 = client.query_one(SQL, &[&ids, &since]).await?.get(0);
-    Ok(n as u64)
+        SELECT id FROM moved ORDER BY id";
+    let rows = client.query(SQL, &[&ids, &since, &after, &limit]).await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The status of each of `ids` that exists.
+pub async fn statuses(
+    client: &impl GenericClient,
+    ids: &[i64],
+) -> Result<Vec<(i64, String)>, Error> {
+    let rows = client
+        .query(
+            "SELECT id, status FROM outbox_messages WHERE id = ANY($1) ORDER BY id",
+            &[&ids],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Requeues a synced row whose document is missing or behind (audit `--repair`).

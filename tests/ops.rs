@@ -102,6 +102,15 @@ async fn retry_requeues_failed_rows_and_the_relay_syncs_them() {
         "requeued 0 failed rows",
         "running it twice does no harm"
     );
+    // Ids it cannot requeue are named, so that a typo is not taken for success.
+    let (code, out) = outboxd(&["retry", "--id", "1", "99"], &env);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("requeued 0 failed rows"), "{out}");
+    assert!(
+        out.contains("outbox row 1 is pending, not failed: left as it is"),
+        "{out}"
+    );
+    assert!(out.contains("no outbox row 99"), "{out}");
     assert_eq!(
         env.count("SELECT count(*) FROM outbox_messages WHERE attempts <> 0")
             .await,
@@ -119,6 +128,32 @@ async fn retry_requeues_failed_rows_and_the_relay_syncs_them() {
         env.count("SELECT count(*) FROM incoming_emails WHERE sync_status = 'synced'")
             .await,
         6
+    );
+}
+
+#[tokio::test]
+async fn retry_requeues_a_large_failed_set_in_batches() {
+    let env = TestEnv::new().await;
+    env.seed(2500, 50).await;
+    env.pg()
+        .await
+        .batch_execute(
+            "UPDATE outbox_messages SET status = 'failed', attempts = 10, last_error = 'MongoDB down';
+             UPDATE incoming_emails SET sync_status = 'failed';",
+        )
+        .await
+        .unwrap();
+    let (code, out) = outboxd(&["retry", "--all-failed"], &env);
+    assert_eq!((code, out.trim()), (0, "requeued 2500 failed rows"));
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox_messages WHERE status = 'pending' AND attempts = 0")
+            .await,
+        2500
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM incoming_emails WHERE sync_status = 'pending'")
+            .await,
+        2500
     );
 }
 
