@@ -17,7 +17,8 @@ pub const CHANNEL: &str = "outboxd_outbox";
 pub struct Accepted {
     pub email_id: i64,
     pub outbox_id: Option<i64>,
-    pub idempotency_key: String,
+    /// `None` once retention deleted the outbox row, as `outbox_id`.
+    pub idempotency_key: Option<String>,
 }
 
 /// The ingest statement. Parameters: $1 key, $2 webhook_id, $3 TTL in seconds,
@@ -76,7 +77,7 @@ pub async fn enqueue(
     Ok(row.map(|r| Accepted {
         email_id: r.get(0),
         outbox_id: Some(r.get(1)),
-        idempotency_key: event.idempotency_key.clone(),
+        idempotency_key: Some(event.idempotency_key.clone()),
     }))
 }
 
@@ -91,7 +92,7 @@ pub async fn accepted_by_key(
     Ok(client.query_opt(&stmt, &[&key]).await?.map(|r| Accepted {
         email_id: r.get(0),
         outbox_id: Some(r.get(1)),
-        idempotency_key: key.to_owned(),
+        idempotency_key: Some(key.to_owned()),
     }))
 }
 
@@ -113,7 +114,7 @@ pub async fn accepted_by_webhook(
         .map(|r| Accepted {
             email_id: r.get(0),
             outbox_id: r.get(1),
-            idempotency_key: r.get::<_, Option<String>>(2).unwrap_or_default(),
+            idempotency_key: r.get(2),
         }))
 }
 

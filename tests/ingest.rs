@@ -359,6 +359,20 @@ async fn a_redelivery_answers_200_with_the_first_answer() {
     assert_eq!(by_webhook["duplicate"], true);
 
     assert_eq!(rows(&env).await, (1, 1, 1));
+
+    // Once retention deleted the outbox row and the key, a late redelivery still
+    // gets its e-mail's id; what went with the row is null.
+    env.pg()
+        .await
+        .batch_execute("DELETE FROM idempotency_keys; DELETE FROM outbox_messages;")
+        .await
+        .unwrap();
+    let (status, late) = post_signed(&http, &ingest.url(), SAMPLE).await;
+    assert_eq!(status, 200, "{late}");
+    assert_eq!(late["duplicate"], true);
+    assert_eq!(late["email_id"], first["email_id"]);
+    assert_eq!(late["outbox_id"], Value::Null);
+    assert_eq!(late["idempotency_key"], Value::Null);
     ingest.stop().await;
 }
 
