@@ -50,7 +50,8 @@ pub struct Progress {
 pub async fn run(shared: Arc<Shared>, wake: Arc<Notify>, nudge: Arc<Notify>) {
     let shutdown = shared.shutdown.clone();
     let poll = Duration::from_millis(shared.config.poll_interval_ms);
-    let schedule = || super::retry_forever(Duration::from_millis(200), Duration::from_secs(5));
+    // Jitter adds up to as much again: an outage's end is seen within 4 s.
+    let schedule = || super::retry_forever(Duration::from_millis(200), Duration::from_secs(2));
     let mut backoff = schedule();
     // An error that is no outage (a missing privilege, say): logged once, and
     // retried with backoff rather than on every wake-up.
