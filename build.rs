@@ -5,7 +5,11 @@ use std::path::Path;
 
 fn main() {
     println!("cargo:rerun-if-changed=sql");
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql");
+    // Read at run time: `env!` would bake in the path of whichever checkout
+    // first built this script, and a target directory shared with another
+    // checkout would then read that checkout's migrations.
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let dir = Path::new(&manifest).join("sql");
     let mut files: Vec<(u32, String)> = std::fs::read_dir(&dir)
         .expect("sql/ exists")
         .filter_map(|entry| {
