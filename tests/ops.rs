@@ -68,6 +68,34 @@ async fn status_matches_the_database() {
         "{table}"
     );
 
+    // The DBA's view says the same, with the oldest row of each state.
+    let view = pg
+        .query(
+            "SELECT status, count, oldest_id, lag_rows FROM outbox_status",
+            &[],
+        )
+        .await
+        .unwrap();
+    let view: Vec<(String, i64, Option<i64>, Option<i64>)> = view
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        view,
+        vec![
+            ("pending".into(), 3, Some(8), None),
+            ("processing".into(), 1, Some(7), None),
+            ("synced".into(), 3, None, Some(3)),
+            ("failed".into(), 3, Some(4), None),
+        ]
+    );
+    let comment: String = pg
+        .query_one("SELECT obj_description('outbox_failed'::regclass)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(comment.contains("outboxd retry --id N"), "{comment}");
+
     pg.batch_execute(
         "UPDATE outbox_messages SET status = 'pending', last_error = NULL WHERE status = 'failed'",
     )
