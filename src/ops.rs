@@ -174,23 +174,26 @@ const RETRY_BATCH: i64 = 1000;
 pub async fn retry(config: &Config, args: &RetryArgs) -> anyhow::Result<u8> {
     let client = client(config, true).await?;
     let ids = (!args.id.is_empty()).then_some(args.id.as_slice());
+    // Ids are kept only to name those of `--id` left alone.
     let mut requeued = std::collections::BTreeSet::new();
+    let mut n = 0;
     let mut after = 0;
     loop {
-        let moved =
+        let page =
             outbox::requeue_failed(&client, ids, args.failed_since, after, RETRY_BATCH).await?;
-        if let Some(&last) = moved.last() {
+        if !page.moved.is_empty() {
             // Relays start on each batch while the next is requeued.
             outbox::notify(&client).await?;
-            after = last;
         }
-        let done = (moved.len() as i64) < RETRY_BATCH;
-        requeued.extend(moved);
-        if done {
-            break;
+        n += page.moved.len();
+        if ids.is_some() {
+            requeued.extend(page.moved);
+        }
+        match page.last_picked {
+            Some(last) if page.picked == RETRY_BATCH => after = last,
+            _ => break,
         }
     }
-    let n = requeued.len();
     println!("requeued {n} failed row{}", if n == 1 { "" } else { "s" });
     let Some(ids) = ids else { return Ok(0) };
     let left: Vec<i64> = ids

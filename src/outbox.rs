@@ -457,16 +457,24 @@ pub async fn counts(client: &impl GenericClient) -> Result<Vec<(String, i64)>, E
         .collect())
 }
 
+/// One page of `requeue_failed`: the ids moved, and how many rows were picked and
+/// the last of them (rows another command moved first are picked, not moved).
+pub struct Requeued {
+    pub moved: Vec<i64>,
+    pub picked: i64,
+    pub last_picked: Option<i64>,
+}
+
 /// Moves up to `limit` failed rows with ids above `after` back to `pending`, with
 /// attempts reset, and their e-mails too. `ids` and `since` narrow the set; both
-/// `None` means every failed row. Returns the ids moved, in order.
+/// `None` means every failed row.
 pub async fn requeue_failed(
     client: &impl GenericClient,
     ids: Option<&[i64]>,
     since: Option<DateTime<Utc>>,
     after: i64,
     limit: i64,
-) -> Result<Vec<i64>, Error> {
+) -> Result<Requeued, Error> {
     const SQL: &str = "
         WITH picked AS (
             SELECT id FROM outbox_messages
@@ -483,9 +491,16 @@ pub async fn requeue_failed(
         emails AS (
             UPDATE incoming_emails SET sync_status = 'pending'
             WHERE id IN (SELECT email_id FROM moved))
-        SELECT id FROM moved ORDER BY id";
-    let rows = client.query(SQL, &[&ids, &since, &after, &limit]).await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+        SELECT ARRAY(SELECT id FROM moved ORDER BY id),
+               (SELECT count(*) FROM picked), (SELECT max(id) FROM picked)";
+    let row = client
+        .query_one(SQL, &[&ids, &since, &after, &limit])
+        .await?;
+    Ok(Requeued {
+        moved: row.get(0),
+        picked: row.get(1),
+        last_picked: row.get(2),
+    })
 }
 
 /// The status of each of `ids` that exists.
