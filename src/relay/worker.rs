@@ -84,6 +84,7 @@ pub async fn run(shared: Arc<Shared>, wake: Arc<Notify>, nudge: Arc<Notify>) {
             Ok(Some(Progress {
                 mongo_down: true, ..
             })) => backoff.next(),
+            Ok(None) if shutdown.is_cancelled() => break,
             Ok(None) => {
                 backoff = schedule();
                 idle_wait(&shared, poll).await
