@@ -596,3 +596,52 @@ impl TestEnv {
         eventually(timeout, || async { self.unsynced().await == 0 }).await
     }
 }
+
+/// A stand-in for systemd's notify socket: a child given `vars()` sends its
+/// READY, WATCHDOG and STOPPING messages here.
+pub struct NotifySocket {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    socket: tokio::net::UnixDatagram,
+}
+
+impl NotifySocket {
+    pub fn bind() -> NotifySocket {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let socket = tokio::net::UnixDatagram::bind(&path).unwrap();
+        NotifySocket {
+            _dir: dir,
+            path,
+            socket,
+        }
+    }
+
+    /// The environment systemd gives a `Type=notify` unit with `WatchdogSec=1s`.
+    pub fn vars(&self) -> Vec<(String, String)> {
+        vec![
+            ("NOTIFY_SOCKET".into(), self.path.display().to_string()),
+            ("WATCHDOG_USEC".into(), "1000000".into()),
+        ]
+    }
+
+    /// The messages received until `message` (one `KEY=value` line), or `None`
+    /// when it did not come within `timeout`.
+    pub async fn until(&self, message: &str, timeout: Duration) -> Option<Vec<String>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = tokio::time::timeout_at(deadline, self.socket.recv(&mut buf))
+                .await
+                .ok()?
+                .unwrap();
+            for line in String::from_utf8_lossy(&buf[..n]).lines() {
+                seen.push(line.to_string());
+                if line == message {
+                    return Some(seen);
+                }
+            }
+        }
+    }
+}
