@@ -222,9 +222,15 @@ async fn an_unanswered_write_keeps_its_row_held_until_it_surely_landed() {
         async move { outboxd::relay::worker::run_batch(&shared).await }
     });
     let pending = "SELECT count(*) FROM outbox_messages WHERE status = 'pending'";
+    let processing = "SELECT count(*) FROM outbox_messages WHERE status = 'processing'";
+    // The row is pending until the batch claims it: watch for it going back
+    // only once it was seen held.
+    let mut claimed = false;
     let mut became_pending = None;
     while !task.is_finished() && started.elapsed() < Duration::from_secs(60) {
-        if became_pending.is_none() && env.count(pending).await == 1 {
+        if !claimed {
+            claimed = env.count(processing).await == 1;
+        } else if became_pending.is_none() && env.count(pending).await == 1 {
             became_pending = Some(started.elapsed());
         }
         // What a relay's rescue task does: take back rows whose lease ended.
@@ -237,6 +243,7 @@ async fn an_unanswered_write_keeps_its_row_held_until_it_surely_landed() {
     }
     let finished = started.elapsed();
     ferret.signal("CONT");
+    assert!(claimed, "the batch claimed the row");
     assert!(task.is_finished(), "run_batch returns after the wait");
     task.await.unwrap().unwrap();
     // The write timed out after 3 s and the wait took 6 s more: the row went
