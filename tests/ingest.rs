@@ -594,22 +594,9 @@ async fn ingest_tells_systemd_ready_alive_and_stopping() {
     let mut vars = env.child_env();
     vars.extend(notify.vars());
     let (mut ingest, _port) = ingest_process(&vars).await;
-    let ready = notify.until("READY=1", Duration::from_secs(10)).await;
-    assert_eq!(
-        ready,
-        Some(vec!["READY=1".to_string()]),
-        "{}",
-        ingest.log_text()
-    );
-    for _ in 0..3 {
-        let pet = notify.until("WATCHDOG=1", Duration::from_secs(5)).await;
-        assert!(pet.is_some(), "no WATCHDOG=1:\n{}", ingest.log_text());
-    }
-    ingest.signal("TERM");
-    let stopping = notify.until("STOPPING=1", Duration::from_secs(10)).await;
-    assert!(stopping.is_some(), "no STOPPING=1:\n{}", ingest.log_text());
-    let status = ingest.wait_timeout(Duration::from_secs(35)).expect("exits");
-    assert!(status.success(), "{status:?}");
+    notify
+        .check_lifecycle(&mut ingest, Duration::from_secs(10))
+        .await;
 }
 
 #[tokio::test]

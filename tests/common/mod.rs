@@ -625,9 +625,31 @@ impl NotifySocket {
         ]
     }
 
+    /// What systemd sees of a `Type=notify` unit given `vars()`: `READY=1` first,
+    /// (within `ready_within`), then `WATCHDOG=1` every half interval, and on SIGTERM
+    /// `STOPPING=1` and exit 0.
+    pub async fn check_lifecycle(&self, child: &mut Proc, ready_within: Duration) {
+        let ready = self.until("READY=1", ready_within).await;
+        assert_eq!(
+            ready,
+            Some(vec!["READY=1".to_string()]),
+            "{}",
+            child.log_text()
+        );
+        for _ in 0..3 {
+            let pet = self.until("WATCHDOG=1", Duration::from_secs(5)).await;
+            assert!(pet.is_some(), "no WATCHDOG=1:\n{}", child.log_text());
+        }
+        child.signal("TERM");
+        let stopping = self.until("STOPPING=1", Duration::from_secs(10)).await;
+        assert!(stopping.is_some(), "no STOPPING=1:\n{}", child.log_text());
+        let status = child.wait_timeout(Duration::from_secs(35)).expect("exits");
+        assert!(status.success(), "{status:?}");
+    }
+
     /// The messages received until `message` (one `KEY=value` line), or `None`
     /// when it did not come within `timeout`.
-    pub async fn until(&self, message: &str, timeout: Duration) -> Option<Vec<String>> {
+    async fn until(&self, message: &str, timeout: Duration) -> Option<Vec<String>> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut seen = Vec::new();
         let mut buf = [0u8; 1024];
