@@ -188,8 +188,6 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     metrics::histogram!("outboxd_relay_apply_duration_seconds")
         .record(started.elapsed().as_secs_f64());
     shared.heartbeat.beat();
-    // Rows came back `Late` while the lease had time left: shutdown stopped them.
-    let stopped = Instant::now() <= last_start;
 
     let mut applied = Vec::new();
     let mut late = Vec::new();
@@ -217,6 +215,8 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
         None => shared.mongodb.ok(),
     }
     if !late.is_empty() {
+        // `Late` while the lease had time left: shutdown stopped them.
+        let stopped = Instant::now() <= last_start;
         // Not an attempt: the rows were never sent. The next claim takes them;
         // given back before the marks, which may retry for a while.
         match outbox::release(&client, &shared.relay_id, &late, batch.locked_until).await {
