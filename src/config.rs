@@ -184,6 +184,36 @@ fn expose<S: serde::Serializer>(secret: &SecretString, s: S) -> Result<S::Ok, S:
 #[error("{0}")]
 pub struct Invalid(pub String);
 
+/// figment quotes a misplaced string value in full: a URL with its password,
+/// when `database = "postgres://…"` is written for `database.url`. The key and
+/// its source still name the problem.
+fn without_strings(error: figment::Error) -> figment::Error {
+    use figment::error::{Actual, Kind};
+    let hide = |actual: &mut Actual| {
+        if let Actual::Str(_) = actual {
+            *actual = Actual::Other("a string".into());
+        }
+    };
+    let errors: Vec<figment::Error> = error
+        .into_iter()
+        .map(|mut e| {
+            match &mut e.kind {
+                Kind::InvalidType(actual, _)
+                | Kind::InvalidValue(actual, _)
+                | Kind::UnsupportedKey(actual, _)
+                | Kind::Unsupported(actual) => hide(actual),
+                _ => {}
+            }
+            e
+        })
+        .collect();
+    let mut rest = errors.into_iter().rev();
+    let last = rest
+        .next()
+        .expect("a figment error holds at least one error");
+    rest.fold(last, |chain, e| chain.chain(e))
+}
+
 impl Config {
     /// Loads the layers in order; an error names the offending key and its source.
     pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
@@ -197,7 +227,7 @@ impl Config {
         figment = figment.merge(Env::prefixed("OUTBOXD__").split("__").lowercase(true));
         let mut config: Config = figment.extract().map_err(|e| {
             // figment's message names the key and where the value came from.
-            anyhow::anyhow!("invalid configuration: {e}")
+            anyhow::anyhow!("invalid configuration: {}", without_strings(e))
         })?;
         if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
             let dir = PathBuf::from(dir);
@@ -239,11 +269,89 @@ impl Config {
                 self.ingest.body_limit_bytes as u64,
             ),
             ("ingest.max_connections", self.ingest.max_connections as u64),
+            // Timeouts, where 0 would fail every attempt at once (libpq and
+            // MongoDB URLs read 0 as "no timeout"; these do not).
+            (
+                "database.connect_timeout_ms",
+                self.database.connect_timeout_ms,
+            ),
+            ("database.pool_wait_ms", self.database.pool_wait_ms),
+            ("mongodb.timeout_ms", self.mongodb.timeout_ms),
+            (
+                "ingest.header_read_timeout_ms",
+                self.ingest.header_read_timeout_ms,
+            ),
+            (
+                "ingest.body_read_timeout_ms",
+                self.ingest.body_read_timeout_ms,
+            ),
+            ("ingest.idempotency_ttl_s", self.ingest.idempotency_ttl_s),
+            ("relay.retention_s", self.relay.retention_s),
         ];
         for (key, value) in positive {
             if value == 0 {
                 bail!("invalid configuration: `{key}` must be greater than 0");
             }
+        }
+        // Past these, a deadline overflows the clock or PostgreSQL's interval range.
+        const TEN_YEARS_S: u64 = 10 * 366 * 86_400;
+        let seconds = [
+            ("ingest.idempotency_ttl_s", self.ingest.idempotency_ttl_s),
+            (
+                "ingest.timestamp_tolerance_s",
+                self.ingest.timestamp_tolerance_s,
+            ),
+            ("ingest.shutdown_timeout_s", self.ingest.shutdown_timeout_s),
+            ("relay.lease_s", self.relay.lease_s),
+            ("relay.retention_s", self.relay.retention_s),
+            ("relay.shutdown_timeout_s", self.relay.shutdown_timeout_s),
+            (
+                "relay.housekeeping_interval_s",
+                self.relay.housekeeping_interval_s,
+            ),
+        ];
+        for (key, value) in seconds {
+            if value > TEN_YEARS_S {
+                bail!("invalid configuration: `{key}` must be at most {TEN_YEARS_S} (ten years)");
+            }
+        }
+        let millis = [
+            (
+                "database.connect_timeout_ms",
+                self.database.connect_timeout_ms,
+            ),
+            (
+                "database.statement_timeout_ms",
+                self.database.statement_timeout_ms,
+            ),
+            ("database.pool_wait_ms", self.database.pool_wait_ms),
+            ("mongodb.timeout_ms", self.mongodb.timeout_ms),
+            (
+                "ingest.header_read_timeout_ms",
+                self.ingest.header_read_timeout_ms,
+            ),
+            (
+                "ingest.body_read_timeout_ms",
+                self.ingest.body_read_timeout_ms,
+            ),
+            ("ingest.notify_interval_ms", self.ingest.notify_interval_ms),
+            ("relay.poll_interval_ms", self.relay.poll_interval_ms),
+            ("relay.backoff_base_ms", self.relay.backoff_base_ms),
+            ("relay.backoff_cap_ms", self.relay.backoff_cap_ms),
+        ];
+        for (key, value) in millis {
+            if value > TEN_YEARS_S * 1000 {
+                bail!(
+                    "invalid configuration: `{key}` must be at most {} (ten years)",
+                    TEN_YEARS_S * 1000
+                );
+            }
+        }
+        if self.database.statement_timeout_ms > i32::MAX as u64 {
+            bail!(
+                "invalid configuration: `database.statement_timeout_ms` must be at most {} (PostgreSQL's limit)",
+                i32::MAX
+            );
         }
         // A batch's writes must fit in its lease, with room for one slow write.
         if self.relay.lease_s.saturating_mul(1000) < self.mongodb.timeout_ms.saturating_mul(2) {

@@ -20,7 +20,7 @@ const SERVER_KEEPALIVES: &str =
 /// Parses the URL and applies the configured timeouts; errors never echo the URL.
 pub fn pg_config(config: &DatabaseConfig) -> anyhow::Result<tokio_postgres::Config> {
     let mut pg: tokio_postgres::Config = config.url.expose_secret().parse().map_err(|_| {
-        anyhow::anyhow!("invalid `database.url` (DATABASE_URL): not a PostgreSQL URL")
+        crate::config::Invalid("invalid `database.url` (DATABASE_URL): not a PostgreSQL URL".into())
     })?;
     pg.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
     // Our side of keepalive: a session whose server vanished (a crash, a

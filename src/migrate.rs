@@ -87,7 +87,7 @@ async fn apply_pending(client: &mut Client) -> anyhow::Result<Vec<String>> {
             Some((_, file, sql)) if checksum(sql) != *sum => bail!(
                 "migration {file} was changed after it was applied (recorded checksum {}…, file now {}…); \
                  restore the original file and add a new numbered migration instead",
-                &sum[..12],
+                sum.get(..12).unwrap_or(sum),
                 &checksum(sql)[..12]
             ),
             Some(_) => {}

@@ -22,7 +22,7 @@ use mongodb::{Client, Database};
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::MongoConfig;
+use crate::config::{Invalid, MongoConfig};
 use crate::money::Amount;
 use crate::outbox::Claimed;
 
@@ -87,7 +87,14 @@ impl From<Instant> for StartBy {
 pub async fn connect(config: &MongoConfig) -> anyhow::Result<Sink> {
     let mut options = ClientOptions::parse(config.url.expose_secret())
         .await
-        .map_err(|e| anyhow::anyhow!("invalid `mongodb.url` (MONGODB_URL): {}", redact(&e)))?;
+        .map_err(|e| {
+            let message = format!("invalid `mongodb.url` (MONGODB_URL): {}", redact(&e));
+            // A malformed URL is the configuration's fault; a failed SRV lookup is not.
+            match *e.kind {
+                ErrorKind::InvalidArgument { .. } => anyhow::Error::from(Invalid(message)),
+                _ => anyhow::anyhow!(message),
+            }
+        })?;
     let timeout = Duration::from_millis(config.timeout_ms);
     options.server_selection_timeout = Some(timeout);
     options.connect_timeout = Some(timeout);

@@ -247,6 +247,40 @@ fn a_bad_config_stops_start_up_naming_the_key() {
         "{err}"
     );
 
+    // Zero timeouts would fail every attempt; huge ones overflow a deadline.
+    for (toml, key) in [
+        ("[mongodb]\ntimeout_ms = 0\n", "mongodb.timeout_ms"),
+        (
+            "[database]\nconnect_timeout_ms = 0\n",
+            "database.connect_timeout_ms",
+        ),
+        (
+            "[ingest]\nidempotency_ttl_s = 9223372036854775807\n",
+            "ingest.idempotency_ttl_s",
+        ),
+        ("[relay]\nlease_s = 9223372036854775807\n", "relay.lease_s"),
+    ] {
+        std::fs::write(&file, toml).unwrap();
+        let out = outboxd(&["--config", file.to_str().unwrap(), "check"], &[]);
+        assert_eq!(out.status.code(), Some(78), "{toml}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{toml}: {err}");
+    }
+
+    // A malformed URL is a configuration error too: the units do not restart on it.
+    // (`check` reports it as a failed check instead.)
+    let out = outboxd(
+        &["migrate"],
+        &[("DATABASE_URL".into(), "postgres://[::1".into())],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("database.url"), "{err}");
+    let out = outboxd(&["audit"], &[("MONGODB_URL".into(), "mongo://x".into())]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("mongodb.url"), "{err}");
+
     // The shipped file loads, and holds exactly the defaults.
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/outboxd.toml");
     let config = outboxd::config::Config::load(Some(std::path::Path::new(shipped))).unwrap();
@@ -297,6 +331,21 @@ fn secrets_never_appear_in_errors() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!all.contains("hunter2secret"), "{all}");
+
+    // A URL written where a table belongs: figment would quote it whole.
+    let out = outboxd(
+        &["check"],
+        &[(
+            "OUTBOXD__DATABASE".into(),
+            "postgres://outboxd:hunter2secret@127.0.0.1/x".into(),
+        )],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.to_lowercase().contains("database") && !err.contains("hunter2secret"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
