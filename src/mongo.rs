@@ -376,7 +376,7 @@ pub fn document(row: &Claimed) -> Result<Document, String> {
     if row.operation != crate::idempotency::UPDATE_CREDITOR_DEBT {
         return Err(format!("unknown operation `{}`", row.operation));
     }
-    let p = &row.payload;
+    let p = row.payload.as_ref().map_err(String::clone)?;
     let field = |name: &str| -> Result<String, String> {
         p.get(name)
             .and_then(|v| v.as_str())

@@ -137,7 +137,9 @@ pub struct Claimed {
     pub id: i64,
     pub operation: String,
     pub aggregate_id: String,
-    pub payload: Value,
+    /// `Err` names why the stored jsonb cannot be read as JSON here (a number
+    /// past f64, or nesting past serde_json's limit, as a DBA's edit can leave).
+    pub payload: Result<Value, String>,
     pub email_id: i64,
     pub idempotency_key: String,
     pub attempts: i32,
@@ -155,7 +157,10 @@ impl Claimed {
             id: r.get(0),
             operation: r.get(1),
             aggregate_id: r.get(2),
-            payload: r.get(3),
+            payload: r.try_get(3).map_err(|e| {
+                let cause = std::error::Error::source(&e).map_or(e.to_string(), |c| c.to_string());
+                format!("payload cannot be read as JSON: {cause}")
+            }),
             email_id: r.get(4),
             idempotency_key: r.get(5),
             attempts: r.get(6),

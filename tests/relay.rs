@@ -69,8 +69,10 @@ fn claimed(id: i64, aggregate: &str, amount: &str) -> Claimed {
         id,
         operation: "update_creditor_debt".into(),
         aggregate_id: aggregate.into(),
-        payload: serde_json::json!({"client_reference": "C", "creditor_name": "Bank", "creditor_reference": "K",
+        payload: Ok(
+            serde_json::json!({"client_reference": "C", "creditor_name": "Bank", "creditor_reference": "K",
                                     "amount": amount, "currency": "EUR"}),
+        ),
         email_id: id,
         idempotency_key: format!("k{id}"),
         attempts: 0,
@@ -490,13 +492,33 @@ async fn a_poison_row_fails_with_its_reason_and_the_rest_flow() {
     let env = TestEnv::new().await;
     env.seed(20, 5).await;
     let pg = env.pg().await;
-    pg.batch_execute(
-        "INSERT INTO incoming_emails (webhook_id, ticket_id, from_address, subject, body) VALUES ('poison', 1, 'a@b', 's', 'b');
-         INSERT INTO outbox_messages (operation, aggregate_id, payload, email_id, idempotency_key)
-         SELECT 'update_creditor_debt', 'P/K', '{\"amount\": \"ten euros\"}', id, 'poison' FROM incoming_emails WHERE webhook_id = 'poison';",
-    )
-    .await
-    .unwrap();
+    // A bad amount, and two payloads that PostgreSQL stores but serde_json cannot
+    // read (a DBA's edit can leave them): a number past f64, and deep nesting.
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let poisons = [
+        ("poison", r#"{"amount": "ten euros"}"#.to_owned(), "amount"),
+        (
+            "huge-number",
+            r#"{"amount": "1.00", "note": 1e400}"#.to_owned(),
+            "cannot be read as JSON",
+        ),
+        (
+            "deep",
+            format!(r#"{{"amount": "1.00", "note": {deep}}}"#),
+            "cannot be read as JSON",
+        ),
+    ];
+    for (key, payload, _) in &poisons {
+        pg.execute(
+            "WITH e AS (INSERT INTO incoming_emails (webhook_id, ticket_id, from_address, subject, body)
+                        VALUES ($1, 1, 'a@b', 's', 'b') RETURNING id)
+             INSERT INTO outbox_messages (operation, aggregate_id, payload, email_id, idempotency_key)
+             SELECT 'update_creditor_debt', $1 || '/K', $2::text::jsonb, id, $1 FROM e",
+            &[key, payload],
+        )
+        .await
+        .unwrap();
+    }
     env.seed(20, 5).await;
     let _r = relay(&env, "poison", &[]);
     let done = eventually(Duration::from_secs(30), || async {
@@ -506,21 +528,25 @@ async fn a_poison_row_fails_with_its_reason_and_the_rest_flow() {
     })
     .await;
     assert!(done);
-    let row = pg
-        .query_one(
-            "SELECT o.status, o.last_error, e.sync_status FROM outbox_messages o JOIN incoming_emails e ON e.id = o.email_id
-             WHERE o.idempotency_key = 'poison'",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, String>(0), "failed");
-    assert!(
-        row.get::<_, String>(1).contains("amount"),
-        "reason recorded: {}",
-        row.get::<_, String>(1)
-    );
-    assert_eq!(row.get::<_, String>(2), "failed");
+    for (key, _, reason) in &poisons {
+        let row = pg
+            .query_one(
+                "SELECT o.status, o.last_error, e.sync_status, o.attempts FROM outbox_messages o
+                 JOIN incoming_emails e ON e.id = o.email_id WHERE o.idempotency_key = $1",
+                &[key],
+            )
+            .await
+            .unwrap();
+        let error: String = row.get(1);
+        assert_eq!(row.get::<_, String>(0), "failed", "{key}: {error}");
+        assert!(error.contains(reason), "{key}: reason recorded: {error}");
+        assert_eq!(row.get::<_, String>(2), "failed", "{key}");
+        assert_eq!(
+            row.get::<_, i32>(3),
+            1,
+            "{key}: failed at once, not retried"
+        );
+    }
     assert_eq!(
         env.count("SELECT count(*) FROM outbox_messages WHERE status = 'synced'")
             .await,

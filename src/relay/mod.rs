@@ -85,15 +85,31 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     tasks.spawn(rescue(shared.clone(), background.clone()));
     tasks.spawn(housekeeping(shared.clone(), background.clone()));
     let workers = TaskTracker::new();
+    // A worker that panicked would leave its batch held and its session's
+    // aggregate locks taken: the relay stops, and its supervisor restarts it.
+    let panicked = CancellationToken::new();
     for wake in &wakers {
-        workers.spawn(worker::run(shared.clone(), wake.clone(), nudge.clone()));
+        let worker = tokio::spawn(worker::run(shared.clone(), wake.clone(), nudge.clone()));
+        let panicked = panicked.clone();
+        workers.spawn(async move {
+            if let Err(e) = worker.await
+                && e.is_panic()
+            {
+                tracing::error!("a relay worker panicked: the relay stops, to be restarted");
+                panicked.cancel();
+            }
+        });
     }
     workers.close();
     tracing::info!(relay_id = %relay_id, workers = config.relay.workers, "relay started");
     systemd::ready();
     let watchdog = systemd::spawn_watchdog(shutdown.clone(), Some(shared.heartbeat.clone()));
 
-    shutdown.cancelled().await;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        // The other workers stop as at SIGTERM (they watch the same token).
+        _ = panicked.cancelled() => shutdown.cancel(),
+    }
     // The workers get the timeout less a tail, in which the leases of rows still
     // held are extended and the helpers and the driver close: all within it.
     let timeout = Duration::from_secs(config.relay.shutdown_timeout_s);
@@ -127,6 +143,9 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     tasks.close();
     let _ = tokio::time::timeout(step, tasks.wait()).await;
     let _ = tokio::time::timeout(step, shared.sink.shutdown()).await;
+    if panicked.is_cancelled() {
+        anyhow::bail!("a relay worker panicked (its message is above)");
+    }
     tracing::info!(relay_id = %relay_id, "relay stopped");
     Ok(())
 }
