@@ -33,6 +33,12 @@ const DUPLICATE_KEY: i32 = 11000;
 /// `relay.max_attempts`: FerretDB answers a failure of its own backend with
 /// code 1, and a permissions mistake is code 13; neither may fail a backlog.
 const REJECTED_CODES: &[i32] = &[2, 14, 22, 28, 30, 52, 53, 55, 56, 57, 66, 121, 10334, 17280];
+/// A document past MongoDB's 16 MiB limit, less room for `_id`, fails alone,
+/// before it is sent: in a command with others it would fail them all.
+const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024 - 64 * 1024;
+/// The documents of one `insert` command: well under the 16 MiB a command may
+/// hold, however large `relay.batch_size` and the documents are.
+const MAX_INSERT_BYTES: usize = 8 * 1024 * 1024;
 
 /// A connected sink: the database named in the URL and the target collection.
 #[derive(Clone)]
@@ -170,15 +176,16 @@ impl Sink {
         let mut outcomes = HashMap::with_capacity(rows.len());
         let mut newest: HashMap<&str, Write> = HashMap::new();
         for row in rows {
-            match document(row) {
+            match document(row).and_then(sized) {
                 Err(reason) => {
                     outcomes.insert(row.id, Outcome::Permanent(reason));
                 }
-                Ok(doc) => {
+                Ok((doc, bytes)) => {
                     let write = Write {
                         id: row.id,
                         aggregate_id: row.aggregate_id.clone(),
                         doc,
+                        bytes,
                     };
                     match newest.entry(&row.aggregate_id) {
                         Entry::Vacant(e) => {
@@ -239,13 +246,31 @@ impl Sink {
         outcomes
     }
 
-    /// Inserts the documents of `rows` in one unordered command. Answers the outcome
-    /// per aggregate, and the rows whose document already exists.
+    /// Inserts the documents of `rows` in unordered commands of at most
+    /// `MAX_INSERT_BYTES` (one, but for huge batches). Answers the outcome per
+    /// aggregate, and the rows whose document already exists.
     async fn insert_new(&self, rows: Vec<Write>) -> (HashMap<String, Outcome>, Vec<Write>) {
         let mut outcomes = HashMap::with_capacity(rows.len());
-        if rows.is_empty() {
-            return (outcomes, Vec::new());
+        let mut existing = Vec::new();
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            let mut chunk = Vec::new();
+            let mut bytes = 0;
+            while let Some(row) =
+                rows.next_if(|r| chunk.is_empty() || bytes + r.bytes <= MAX_INSERT_BYTES)
+            {
+                bytes += row.bytes;
+                chunk.push(row);
+            }
+            let (done, exist) = self.insert_chunk(chunk).await;
+            outcomes.extend(done);
+            existing.extend(exist);
         }
+        (outcomes, existing)
+    }
+
+    async fn insert_chunk(&self, rows: Vec<Write>) -> (HashMap<String, Outcome>, Vec<Write>) {
+        let mut outcomes = HashMap::with_capacity(rows.len());
         let mut documents = Vec::with_capacity(rows.len());
         for row in &rows {
             let mut doc = Document::new();
@@ -369,6 +394,21 @@ struct Write {
     id: i64,
     aggregate_id: String,
     doc: Document,
+    /// Its encoded size.
+    bytes: usize,
+}
+
+/// The document with its encoded size; `Err` when MongoDB could not store it.
+fn sized(doc: Document) -> Result<(Document, usize), String> {
+    let bytes = bson::to_vec(&doc)
+        .map_err(|e| format!("the document cannot be encoded: {e}"))?
+        .len();
+    if bytes > MAX_DOCUMENT_BYTES {
+        return Err(format!(
+            "the document is {bytes} bytes, past MongoDB's limit of 16 MiB"
+        ));
+    }
+    Ok((doc, bytes))
 }
 
 /// The document fields for one message; `Err` names what makes the payload unusable.

@@ -125,6 +125,34 @@ async fn an_older_message_never_moves_a_document_backwards() {
 }
 
 #[tokio::test]
+async fn a_document_past_16_mib_fails_alone_and_a_large_batch_is_split() {
+    let env = TestEnv::new().await;
+    let sink = direct_sink(&env).await;
+    // Twelve documents of 4.5 MiB: 54 MiB, more than one command may hold
+    // (16 MiB for MongoDB, a 48 MB message for FerretDB).
+    let mut rows: Vec<Claimed> = (1..=12)
+        .map(|i| {
+            let mut row = claimed(i, &format!("C{i}/K"), "1.00");
+            row.payload.as_mut().unwrap()["creditor_name"] = "x".repeat(4608 * 1024).into();
+            row
+        })
+        .collect();
+    let mut huge = claimed(13, "HUGE/K", "1.00");
+    huge.payload.as_mut().unwrap()["creditor_name"] = "x".repeat(17 * 1024 * 1024).into();
+    rows.push(huge);
+    let outcomes = sink.apply(&rows, 4, far()).await;
+    for i in 1..=12 {
+        assert_eq!(outcomes[&i], Outcome::Applied, "row {i}");
+    }
+    match &outcomes[&13] {
+        Outcome::Permanent(reason) => assert!(reason.contains("16 MiB"), "{reason}"),
+        other => panic!("the huge document failed for good, not {other:?}"),
+    }
+    assert_eq!(env.docs().count_documents(doc! {}).await.unwrap(), 12);
+    assert!(env.doc("HUGE/K").await.is_none());
+}
+
+#[tokio::test]
 async fn no_write_starts_once_the_lease_is_too_short_to_finish_it() {
     let env = TestEnv::new().await;
     let sink = direct_sink(&env).await;
