@@ -1253,8 +1253,11 @@ async fn hostile_input_campaign() {
     config.ingest.body_read_timeout_ms = BODY_TIMEOUT_MS;
     let ingest = Ingest::start(&config).await;
     let addr = ingest.addr;
+    // A new connection per request: a pooled one idles between requests, and
+    // the server may close it (header timeout) just as it is reused.
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(0)
         .build()
         .unwrap();
     assert_eq!(healthz(addr).await, Some(200));
@@ -1457,13 +1460,7 @@ async fn hostile_input_campaign() {
     // 5. Still serving, nothing panicked, and rows only for what was accepted.
     let alive = !ingest.handle.is_finished();
     let health = healthz(addr).await;
-    // A new client: `http`'s pooled connection has idled about as long as the header
-    // timeout, and the server may close it just as it is reused.
-    let fresh = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
-    let after = signed_post(&fresh, &ingest.url(), &base(4_000_000).to_string()).await;
+    let after = signed_post(&http, &ingest.url(), &base(4_000_000).to_string()).await;
     let emails = env.count("SELECT count(*) FROM incoming_emails").await;
     let outbox = env.count("SELECT count(*) FROM outbox_messages").await;
     let keys = env.count("SELECT count(*) FROM idempotency_keys").await;

@@ -179,6 +179,12 @@ impl TestEnv {
             ("OUTBOXD__RELAY__BACKOFF_CAP_MS".into(), "1000".into()),
             ("OUTBOXD__RELAY__LEASE_S".into(), "10".into()),
             ("OUTBOXD__DATABASE__POOL_SIZE".into(), "8".into()),
+            // As in `config`: a slow connection on a busy machine is no outage.
+            (
+                "OUTBOXD__DATABASE__CONNECT_TIMEOUT_MS".into(),
+                "10000".into(),
+            ),
+            ("OUTBOXD__DATABASE__POOL_WAIT_MS".into(), "10000".into()),
             ("OUTBOXD__LOG__FORMAT".into(), "json".into()),
         ]
     }
