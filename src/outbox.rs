@@ -368,16 +368,30 @@ pub async fn extend_held(
     Ok((rows.len(), last))
 }
 
+/// A row taken back from a relay whose lease on it expired.
+#[derive(Debug, Clone)]
+pub struct Rescued {
+    pub id: i64,
+    pub email_id: i64,
+    pub idempotency_key: String,
+    pub operation: String,
+    /// `pending`, or `failed` when out of attempts.
+    pub status: String,
+    pub attempts: i32,
+    /// The relay that held it.
+    pub held_by: Option<String>,
+}
+
 /// Takes back rows whose relay died (lease expired): `pending` again with the attempt
-/// counted, or `failed` when out of attempts. Returns how many moved.
+/// counted, or `failed` when out of attempts. Returns the rows moved.
 pub async fn rescue_expired(
     client: &impl GenericClient,
     max_attempts: i32,
     limit: i64,
-) -> Result<u64, Error> {
+) -> Result<Vec<Rescued>, Error> {
     const SQL: &str = "
         WITH expired AS (
-            SELECT id FROM outbox_messages
+            SELECT id, locked_by FROM outbox_messages
             WHERE status = 'processing' AND locked_until < now()
             ORDER BY locked_until LIMIT $2
             FOR UPDATE SKIP LOCKED),
@@ -389,17 +403,26 @@ pub async fn rescue_expired(
                 next_attempt_at = now(), locked_by = NULL, locked_until = NULL, updated_at = now()
             FROM expired
             WHERE o.id = expired.id AND o.status = 'processing' AND o.locked_until < now()
-            RETURNING o.id, o.email_id, o.status),
+            RETURNING o.id, o.email_id, o.idempotency_key, o.operation, o.status, o.attempts,
+                      expired.locked_by),
         emails AS (
             UPDATE incoming_emails SET sync_status = 'failed'
             WHERE id IN (SELECT email_id FROM moved WHERE status = 'failed'))
-        SELECT count(*) FROM moved";
+        SELECT * FROM moved ORDER BY id";
     let stmt = client.prepare_cached(SQL).await?;
-    let n: i64 = client
-        .query_one(&stmt, &[&max_attempts, &limit])
-        .await?
-        .get(0);
-    Ok(n as u64)
+    let rows = client.query(&stmt, &[&max_attempts, &limit]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| Rescued {
+            id: r.get(0),
+            email_id: r.get(1),
+            idempotency_key: r.get(2),
+            operation: r.get(3),
+            status: r.get(4),
+            attempts: r.get(5),
+            held_by: r.get(6),
+        })
+        .collect())
 }
 
 /// When the earliest pending row comes due, if any.

@@ -346,7 +346,7 @@ async fn kill_9_mid_batch_loses_nothing_and_another_relay_takes_over() {
     let held = env
         .count("SELECT count(*) FROM outbox_messages WHERE locked_by = 'doomed'")
         .await;
-    let _heir = relay(&env, "heir", &[]);
+    let heir = relay(&env, "heir", &[]);
     assert!(
         env.wait_synced(Duration::from_secs(300)).await,
         "everything synced after the lease expired"
@@ -359,6 +359,19 @@ async fn kill_9_mid_batch_loses_nothing_and_another_relay_takes_over() {
         assert!(
             rescued > 0,
             "rows held by the dead relay were taken back ({held} held)"
+        );
+        // One line per row taken back, naming it and the relay that held it.
+        let log = heir.log_text();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("lease expired: row taken back") && l.contains("doomed"))
+            .collect();
+        assert_eq!(lines.len() as i64, held, "{log}");
+        assert!(
+            lines
+                .iter()
+                .all(|l| l.contains("\"outbox_id\"") && l.contains("\"idempotency_key\"")),
+            "{lines:?}"
         );
     }
 }

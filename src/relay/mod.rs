@@ -241,15 +241,28 @@ fn failed(shared: &Shared, task: &str, e: &anyhow::Error) {
 
 async fn rescue_leases(shared: &Shared) -> anyhow::Result<()> {
     let client = shared.pool.get().await?;
-    let n = outbox::rescue_expired(
+    let rescued = outbox::rescue_expired(
         &client,
         shared.config.max_attempts,
         shared.config.housekeeping_batch,
     )
     .await?;
-    if n > 0 {
+    for row in &rescued {
+        let counter = if row.status == "failed" {
+            "outboxd_relay_rows_failed_total"
+        } else {
+            "outboxd_relay_rows_retried_total"
+        };
+        metrics::counter!(counter).increment(1);
         tracing::warn!(
-            rows = n,
+            outbox_id = row.id, email_id = row.email_id, idempotency_key = %row.idempotency_key,
+            operation = %row.operation, held_by = ?row.held_by, attempts = row.attempts,
+            status = %row.status, "lease expired: row taken back"
+        );
+    }
+    if !rescued.is_empty() {
+        tracing::warn!(
+            rows = rescued.len(),
             "took back rows whose lease expired (a relay died or stalled)"
         );
     }

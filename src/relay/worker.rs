@@ -196,7 +196,13 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     for row in &batch.rows {
         match &outcomes[&row.id] {
             Outcome::Applied => applied.push(row.id),
-            Outcome::Late => late.push(row.id),
+            Outcome::Late => {
+                tracing::debug!(
+                    outbox_id = row.id, email_id = row.email_id, idempotency_key = %row.idempotency_key,
+                    operation = %row.operation, relay_id = %shared.relay_id, "not sent: given back"
+                );
+                late.push(row.id)
+            }
             Outcome::Transient(e) => failures.entry((false, e.clone())).or_default().push(row.id),
             Outcome::Unanswered(e) => unanswered
                 .entry((false, e.clone()))
@@ -340,9 +346,17 @@ async fn mark(
         }
         // Not applied, so not stale: rescue counted the attempt once the lease
         // ended, or a new holder has the row.
-        let unmoved = ids.len().saturating_sub(moved.len());
-        if unmoved > 0 {
-            tracing::debug!(rows = unmoved, relay_id = %shared.relay_id, "failed attempts already taken back with their lease");
+        let moved: std::collections::HashSet<i64> = moved.iter().map(|m| m.0).collect();
+        for row in ids
+            .iter()
+            .filter(|id| !moved.contains(id))
+            .map(|id| rows_by_id[id])
+        {
+            tracing::debug!(
+                outbox_id = row.id, email_id = row.email_id, idempotency_key = %row.idempotency_key,
+                operation = %row.operation, relay_id = %shared.relay_id, error = %error,
+                "failed attempt not recorded: the row was already taken back with its lease"
+            );
         }
     }
     Ok(())
