@@ -840,3 +840,63 @@ async fn refuses_a_timestamp_less_than_a_second_beyond_the_window() {
     assert_eq!(rows(&env).await, (1, 1, 1));
     ingest.stop().await;
 }
+
+#[tokio::test]
+async fn blank_optional_fields_count_as_absent() {
+    let env = TestEnv::new().await;
+    let ingest = Ingest::start(&env.config()).await;
+    let http = reqwest::Client::new();
+    // As a Zendesk placeholder renders a value the ticket lacks.
+    let mut blank: Value = serde_json::from_str(SAMPLE).unwrap();
+    blank["email"]["message_id"] = json!("");
+    blank["email"]["received_at"] = json!(" ");
+    blank["creditor_debt"]["creditor_reference"] = json!("");
+    let (status, first) = post_signed(&http, &ingest.url(), &blank.to_string()).await;
+    assert_eq!(status, 202, "{first}");
+    let row = env
+        .pg()
+        .await
+        .query_one(
+            "SELECT e.message_id, e.received_at IS NULL, o.aggregate_id, o.payload ? 'creditor_reference'
+             FROM outbox_messages o JOIN incoming_emails e ON e.id = o.email_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<String>>(0), None);
+    assert!(row.get::<_, bool>(1));
+    assert_eq!(
+        row.get::<_, String>(2),
+        "MP-2026-0042/name:sparkasse kölnbonn"
+    );
+    assert!(!row.get::<_, bool>(3), "no reference in the payload");
+
+    // The same event with the fields left out is the same update.
+    let mut absent: Value = serde_json::from_str(SAMPLE).unwrap();
+    absent["webhook_id"] = json!("evt-absent");
+    absent["email"]
+        .as_object_mut()
+        .unwrap()
+        .remove("message_id");
+    absent["email"]
+        .as_object_mut()
+        .unwrap()
+        .remove("received_at");
+    absent["creditor_debt"]
+        .as_object_mut()
+        .unwrap()
+        .remove("creditor_reference");
+    let (status, again) = post_signed(&http, &ingest.url(), &absent.to_string()).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["idempotency_key"], first["idempotency_key"]);
+
+    // A blank required field is still refused.
+    let mut v: Value = serde_json::from_str(SAMPLE).unwrap();
+    v["webhook_id"] = json!("evt-blank-name");
+    v["creditor_debt"]["creditor_name"] = json!(" ");
+    let (status, answer) = post_signed(&http, &ingest.url(), &v.to_string()).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["field"], "creditor_debt.creditor_name");
+    assert_eq!(rows(&env).await, (1, 1, 1));
+    ingest.stop().await;
+}

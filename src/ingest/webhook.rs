@@ -243,7 +243,9 @@ fn object<'a>(root: &'a Map<String, Value>, name: &str) -> Result<&'a Map<String
     }
 }
 
-/// A string field that, when present, is non-blank, bounded, and free of control characters.
+/// A string field that, when present, is non-blank, bounded, and free of control
+/// characters. A blank optional field counts as absent: Zendesk's placeholders
+/// render a missing value as "", and refusing it would refuse every redelivery.
 fn text(
     map: &Map<String, Value>,
     key: &str,
@@ -256,7 +258,10 @@ fn text(
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => {
             if s.trim().is_empty() {
-                return Err(Invalid::field(path, "must not be empty"));
+                return match required {
+                    true => Err(Invalid::field(path, "must not be empty")),
+                    false => Ok(None),
+                };
             }
             if s.chars().count() > max {
                 return Err(Invalid::field(
