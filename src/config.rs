@@ -185,14 +185,23 @@ fn expose<S: serde::Serializer>(secret: &SecretString, s: S) -> Result<S::Ok, S:
 pub struct Invalid(pub String);
 
 /// figment quotes a misplaced string value in full: a URL with its password,
-/// when `database = "postgres://…"` is written for `database.url`. The key and
-/// its source still name the problem.
+/// when `database = "postgres://…"` is written for `database.url`, or an
+/// unquoted URL in a TOML syntax error. The key (or line and column) and the
+/// source still name the problem.
 fn without_strings(error: figment::Error) -> figment::Error {
     use figment::error::{Actual, Kind};
     let hide = |actual: &mut Actual| {
         if let Actual::Str(_) = actual {
             *actual = Actual::Other("a string".into());
         }
+    };
+    // A TOML syntax error quotes the offending line under its position.
+    let unquoted = |message: &str| -> String {
+        message
+            .lines()
+            .filter(|line| !line.contains('|'))
+            .collect::<Vec<_>>()
+            .join("\n")
     };
     let errors: Vec<figment::Error> = error
         .into_iter()
@@ -202,6 +211,8 @@ fn without_strings(error: figment::Error) -> figment::Error {
                 | Kind::InvalidValue(actual, _)
                 | Kind::UnsupportedKey(actual, _)
                 | Kind::Unsupported(actual) => hide(actual),
+                Kind::UnknownVariant(value, _) => *value = "…".into(),
+                Kind::Message(message) => *message = unquoted(message),
                 _ => {}
             }
             e
@@ -285,8 +296,6 @@ impl Config {
                 "ingest.body_read_timeout_ms",
                 self.ingest.body_read_timeout_ms,
             ),
-            ("ingest.idempotency_ttl_s", self.ingest.idempotency_ttl_s),
-            ("relay.retention_s", self.relay.retention_s),
         ];
         for (key, value) in positive {
             if value == 0 {

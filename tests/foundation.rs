@@ -346,6 +346,22 @@ fn secrets_never_appear_in_errors() {
         err.to_lowercase().contains("database") && !err.contains("hunter2secret"),
         "{err}"
     );
+
+    // A URL left unquoted in the file: the TOML syntax error would quote its line.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("unquoted.toml");
+    std::fs::write(
+        &file,
+        "[database]\nurl = postgres://outboxd:hunter2secret@127.0.0.1/x\n",
+    )
+    .unwrap();
+    let out = outboxd(&["--config", file.to_str().unwrap(), "check"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("line 2") && !err.contains("hunter2secret"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -258,10 +258,10 @@ fn text(
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => {
             if s.trim().is_empty() {
-                return match required {
-                    true => Err(Invalid::field(path, "must not be empty")),
-                    false => Ok(None),
-                };
+                if required {
+                    return Err(Invalid::field(path, "must not be empty"));
+                }
+                return Ok(None);
             }
             if s.chars().count() > max {
                 return Err(Invalid::field(
