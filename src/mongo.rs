@@ -176,16 +176,16 @@ impl Sink {
         let mut outcomes = HashMap::with_capacity(rows.len());
         let mut newest: HashMap<&str, Write> = HashMap::new();
         for row in rows {
-            match document(row).and_then(sized) {
+            match document(row) {
                 Err(reason) => {
                     outcomes.insert(row.id, Outcome::Permanent(reason));
                 }
-                Ok((doc, bytes)) => {
+                Ok(doc) => {
                     let write = Write {
                         id: row.id,
                         aggregate_id: row.aggregate_id.clone(),
                         doc,
-                        bytes,
+                        bytes: 0,
                     };
                     match newest.entry(&row.aggregate_id) {
                         Entry::Vacant(e) => {
@@ -199,21 +199,36 @@ impl Sink {
                 }
             }
         }
-        let writes: Vec<Write> = newest.into_values().collect();
+        // Sized once coalesced: a document too large for MongoDB fails its
+        // aggregate's rows here, alone, instead of the command it would join.
+        let mut too_large = Vec::new();
+        let mut writes = Vec::with_capacity(newest.len());
+        let mut buffer = Vec::new();
+        for mut write in newest.into_values() {
+            buffer.clear();
+            match write.doc.to_writer(&mut buffer) {
+                Ok(()) if buffer.len() <= MAX_DOCUMENT_BYTES => {
+                    write.bytes = buffer.len();
+                    writes.push(write);
+                }
+                Ok(()) => too_large.push((
+                    write.aggregate_id,
+                    Outcome::Permanent(format!(
+                        "the document is {} bytes, past MongoDB's limit of 16 MiB",
+                        buffer.len()
+                    )),
+                )),
+                Err(e) => too_large.push((
+                    write.aggregate_id,
+                    Outcome::Permanent(format!("the document cannot be encoded: {e}")),
+                )),
+            }
+        }
         // Aggregates seen for the first time are created by one insert; an
         // existing `_id` answers 11000 and takes the guarded update. An insert
         // never overwrites, so it cannot move a document backwards.
-        let (mut by_aggregate, existing) = if start_by.passed() {
-            (
-                writes
-                    .into_iter()
-                    .map(|r| (r.aggregate_id, Outcome::Late))
-                    .collect(),
-                Vec::new(),
-            )
-        } else {
-            self.insert_new(writes).await
-        };
+        let (mut by_aggregate, existing) = self.insert_new(writes, &start_by).await;
+        by_aggregate.extend(too_large);
         // One single-statement command per aggregate, `concurrency` at a time:
         // FerretDB runs a multi-statement update command far slower than the
         // same statements sent concurrently (docs/benchmarks.md).
@@ -248,10 +263,18 @@ impl Sink {
 
     /// Inserts the documents of `rows` in unordered commands of at most
     /// `MAX_INSERT_BYTES` (one, but for huge batches). Answers the outcome per
-    /// aggregate, and the rows whose document already exists.
-    async fn insert_new(&self, rows: Vec<Write>) -> (HashMap<String, Outcome>, Vec<Write>) {
+    /// aggregate, and the rows whose document already exists. Rows of a
+    /// command not sent answer `Late` past `start_by`, or the outcome of the
+    /// command that failed before them: a second one would likely fail alike,
+    /// and wait out another timeout within the lease.
+    async fn insert_new(
+        &self,
+        rows: Vec<Write>,
+        start_by: &StartBy,
+    ) -> (HashMap<String, Outcome>, Vec<Write>) {
         let mut outcomes = HashMap::with_capacity(rows.len());
         let mut existing = Vec::new();
+        let mut failed: Option<Outcome> = None;
         let mut rows = rows.into_iter().peekable();
         while rows.peek().is_some() {
             let mut chunk = Vec::new();
@@ -262,14 +285,32 @@ impl Sink {
                 bytes += row.bytes;
                 chunk.push(row);
             }
-            let (done, exist) = self.insert_chunk(chunk).await;
-            outcomes.extend(done);
-            existing.extend(exist);
+            let not_sent = match &failed {
+                Some(outcome) => Some(outcome.clone()),
+                None if start_by.passed() => Some(Outcome::Late),
+                None => None,
+            };
+            if let Some(outcome) = not_sent {
+                outcomes.extend(chunk.into_iter().map(|r| (r.aggregate_id, outcome.clone())));
+                continue;
+            }
+            match self.insert_chunk(chunk).await {
+                Ok((done, exist)) => {
+                    outcomes.extend(done);
+                    existing.extend(exist);
+                }
+                Err((done, outcome)) => {
+                    outcomes.extend(done);
+                    failed = Some(outcome);
+                }
+            }
         }
         (outcomes, existing)
     }
 
-    async fn insert_chunk(&self, rows: Vec<Write>) -> (HashMap<String, Outcome>, Vec<Write>) {
+    /// One insert command. `Err` when the command itself failed: every row's
+    /// outcome, and that outcome.
+    async fn insert_chunk(&self, rows: Vec<Write>) -> Result<Inserted, (Outcomes, Outcome)> {
         let mut outcomes = HashMap::with_capacity(rows.len());
         let mut documents = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -282,12 +323,11 @@ impl Sink {
         let reply = match self.run_write(command).await {
             Ok(reply) => reply,
             Err(outcome) => {
-                return (
-                    rows.into_iter()
-                        .map(|r| (r.aggregate_id, outcome.clone()))
-                        .collect(),
-                    Vec::new(),
-                );
+                let outcomes = rows
+                    .into_iter()
+                    .map(|r| (r.aggregate_id, outcome.clone()))
+                    .collect();
+                return Err((outcomes, outcome));
             }
         };
         let (mut errors, concern) = write_errors(&reply);
@@ -304,7 +344,7 @@ impl Sink {
             };
             outcomes.insert(row.aggregate_id, outcome);
         }
-        (outcomes, existing)
+        Ok((outcomes, existing))
     }
 
     /// One guarded upsert. A duplicate key is retried once: it may be a racing
@@ -394,22 +434,14 @@ struct Write {
     id: i64,
     aggregate_id: String,
     doc: Document,
-    /// Its encoded size.
+    /// Its encoded size, once taken.
     bytes: usize,
 }
 
-/// The document with its encoded size; `Err` when MongoDB could not store it.
-fn sized(doc: Document) -> Result<(Document, usize), String> {
-    let bytes = bson::to_vec(&doc)
-        .map_err(|e| format!("the document cannot be encoded: {e}"))?
-        .len();
-    if bytes > MAX_DOCUMENT_BYTES {
-        return Err(format!(
-            "the document is {bytes} bytes, past MongoDB's limit of 16 MiB"
-        ));
-    }
-    Ok((doc, bytes))
-}
+/// Outcomes by aggregate.
+type Outcomes = HashMap<String, Outcome>;
+/// An insert's outcomes, and the writes whose document already exists.
+type Inserted = (Outcomes, Vec<Write>);
 
 /// The document fields for one message; `Err` names what makes the payload unusable.
 pub fn document(row: &Claimed) -> Result<Document, String> {

@@ -128,27 +128,37 @@ async fn an_older_message_never_moves_a_document_backwards() {
 async fn a_document_past_16_mib_fails_alone_and_a_large_batch_is_split() {
     let env = TestEnv::new().await;
     let sink = direct_sink(&env).await;
-    // Twelve documents of 4.5 MiB: 54 MiB, more than one command may hold
-    // (16 MiB for MongoDB, a 48 MB message for FerretDB).
-    let mut rows: Vec<Claimed> = (1..=12)
+    // Two aggregates exist already, with older messages: in their insert
+    // command they answer 11000 and take the guarded update.
+    for (id, aggregate) in [(4, "C104/K"), (11, "C111/K")] {
+        let older = claimed(id, aggregate, "0.50");
+        assert_eq!(sink.apply(&[older], 1, far()).await[&id], Outcome::Applied);
+    }
+    // Eighteen documents of 3 MiB: 54 MiB, more than one command may hold
+    // (16 MiB for MongoDB, a 48 MB message for FerretDB), two per command.
+    let mut rows: Vec<Claimed> = (101..=118)
         .map(|i| {
             let mut row = claimed(i, &format!("C{i}/K"), "1.00");
-            row.payload.as_mut().unwrap()["creditor_name"] = "x".repeat(4608 * 1024).into();
+            row.payload.as_mut().unwrap()["creditor_name"] = "x".repeat(3 * 1024 * 1024).into();
             row
         })
         .collect();
-    let mut huge = claimed(13, "HUGE/K", "1.00");
+    let mut huge = claimed(119, "HUGE/K", "1.00");
     huge.payload.as_mut().unwrap()["creditor_name"] = "x".repeat(17 * 1024 * 1024).into();
     rows.push(huge);
     let outcomes = sink.apply(&rows, 4, far()).await;
-    for i in 1..=12 {
+    for i in 101..=118 {
         assert_eq!(outcomes[&i], Outcome::Applied, "row {i}");
     }
-    match &outcomes[&13] {
+    match &outcomes[&119] {
         Outcome::Permanent(reason) => assert!(reason.contains("16 MiB"), "{reason}"),
         other => panic!("the huge document failed for good, not {other:?}"),
     }
-    assert_eq!(env.docs().count_documents(doc! {}).await.unwrap(), 12);
+    assert_eq!(env.docs().count_documents(doc! {}).await.unwrap(), 18);
+    for aggregate in ["C104/K", "C111/K"] {
+        let doc = env.doc(aggregate).await.unwrap();
+        assert_eq!(doc.get_str("amount"), Ok("1.00"), "{aggregate} updated");
+    }
     assert!(env.doc("HUGE/K").await.is_none());
 }
 

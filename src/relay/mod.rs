@@ -95,7 +95,16 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
             if let Err(e) = worker.await
                 && e.is_panic()
             {
-                tracing::error!("a relay worker panicked: the relay stops, to be restarted");
+                let panic = e.into_panic();
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("(no message)");
+                tracing::error!(
+                    panic = message,
+                    "a relay worker panicked: the relay stops, to be restarted"
+                );
                 panicked.cancel();
             }
         });
@@ -107,8 +116,12 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
 
     tokio::select! {
         _ = shutdown.cancelled() => {}
-        // The other workers stop as at SIGTERM (they watch the same token).
-        _ = panicked.cancelled() => shutdown.cancel(),
+        // The other workers stop as at SIGTERM (they watch the same token); the
+        // watchdog stops with them, so systemd must know the relay is stopping.
+        _ = panicked.cancelled() => {
+            systemd::stopping();
+            shutdown.cancel();
+        }
     }
     // The workers get the timeout less a tail, in which the leases of rows still
     // held are extended and the helpers and the driver close: all within it.
@@ -144,7 +157,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     let _ = tokio::time::timeout(step, tasks.wait()).await;
     let _ = tokio::time::timeout(step, shared.sink.shutdown()).await;
     if panicked.is_cancelled() {
-        anyhow::bail!("a relay worker panicked (its message is above)");
+        anyhow::bail!("a relay worker panicked (its message is logged above)");
     }
     tracing::info!(relay_id = %relay_id, "relay stopped");
     Ok(())
