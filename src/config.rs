@@ -268,8 +268,6 @@ impl Config {
                 "relay.write_concurrency",
                 self.relay.write_concurrency as u64,
             ),
-            ("relay.poll_interval_ms", self.relay.poll_interval_ms),
-            ("relay.lease_s", self.relay.lease_s),
             ("relay.max_attempts", self.relay.max_attempts.max(0) as u64),
             (
                 "relay.housekeeping_batch",
@@ -280,80 +278,83 @@ impl Config {
                 self.ingest.body_limit_bytes as u64,
             ),
             ("ingest.max_connections", self.ingest.max_connections as u64),
-            // Timeouts, where 0 would fail every attempt at once (libpq and
-            // MongoDB URLs read 0 as "no timeout"; these do not).
-            (
-                "database.connect_timeout_ms",
-                self.database.connect_timeout_ms,
-            ),
-            ("database.pool_wait_ms", self.database.pool_wait_ms),
-            ("mongodb.timeout_ms", self.mongodb.timeout_ms),
-            (
-                "ingest.header_read_timeout_ms",
-                self.ingest.header_read_timeout_ms,
-            ),
-            (
-                "ingest.body_read_timeout_ms",
-                self.ingest.body_read_timeout_ms,
-            ),
         ];
         for (key, value) in positive {
             if value == 0 {
                 bail!("invalid configuration: `{key}` must be greater than 0");
             }
         }
-        // Past these, a deadline overflows the clock or PostgreSQL's interval range.
-        const TEN_YEARS_S: u64 = 10 * 366 * 86_400;
-        let seconds = [
-            ("ingest.idempotency_ttl_s", self.ingest.idempotency_ttl_s),
-            (
-                "ingest.timestamp_tolerance_s",
-                self.ingest.timestamp_tolerance_s,
-            ),
-            ("ingest.shutdown_timeout_s", self.ingest.shutdown_timeout_s),
-            ("relay.lease_s", self.relay.lease_s),
-            ("relay.retention_s", self.relay.retention_s),
-            ("relay.shutdown_timeout_s", self.relay.shutdown_timeout_s),
-            (
-                "relay.housekeeping_interval_s",
-                self.relay.housekeeping_interval_s,
-            ),
-        ];
-        for (key, value) in seconds {
-            if value > TEN_YEARS_S {
-                bail!("invalid configuration: `{key}` must be at most {TEN_YEARS_S} (ten years)");
-            }
-        }
-        let millis = [
+        // Durations as (key, milliseconds, whether 0 means something). A zero
+        // timeout would fail every attempt at once (libpq and MongoDB URLs read
+        // 0 as "no timeout"; these do not). Past ten years, a deadline
+        // overflows the clock or PostgreSQL's interval range.
+        const TEN_YEARS_MS: u64 = 10 * 366 * 86_400 * 1000;
+        let s = |seconds: u64| seconds.saturating_mul(1000);
+        let durations = [
             (
                 "database.connect_timeout_ms",
                 self.database.connect_timeout_ms,
+                false,
             ),
             (
                 "database.statement_timeout_ms",
                 self.database.statement_timeout_ms,
+                true,
             ),
-            ("database.pool_wait_ms", self.database.pool_wait_ms),
-            ("mongodb.timeout_ms", self.mongodb.timeout_ms),
+            ("database.pool_wait_ms", self.database.pool_wait_ms, false),
+            ("mongodb.timeout_ms", self.mongodb.timeout_ms, false),
+            (
+                "ingest.timestamp_tolerance_s",
+                s(self.ingest.timestamp_tolerance_s),
+                true,
+            ),
+            (
+                "ingest.idempotency_ttl_s",
+                s(self.ingest.idempotency_ttl_s),
+                true,
+            ),
+            (
+                "ingest.notify_interval_ms",
+                self.ingest.notify_interval_ms,
+                true,
+            ),
             (
                 "ingest.header_read_timeout_ms",
                 self.ingest.header_read_timeout_ms,
+                false,
             ),
             (
                 "ingest.body_read_timeout_ms",
                 self.ingest.body_read_timeout_ms,
+                false,
             ),
-            ("ingest.notify_interval_ms", self.ingest.notify_interval_ms),
-            ("relay.poll_interval_ms", self.relay.poll_interval_ms),
-            ("relay.backoff_base_ms", self.relay.backoff_base_ms),
-            ("relay.backoff_cap_ms", self.relay.backoff_cap_ms),
+            (
+                "ingest.shutdown_timeout_s",
+                s(self.ingest.shutdown_timeout_s),
+                true,
+            ),
+            ("relay.poll_interval_ms", self.relay.poll_interval_ms, false),
+            ("relay.lease_s", s(self.relay.lease_s), false),
+            ("relay.backoff_base_ms", self.relay.backoff_base_ms, true),
+            ("relay.backoff_cap_ms", self.relay.backoff_cap_ms, true),
+            (
+                "relay.shutdown_timeout_s",
+                s(self.relay.shutdown_timeout_s),
+                true,
+            ),
+            (
+                "relay.housekeeping_interval_s",
+                s(self.relay.housekeeping_interval_s),
+                true,
+            ),
+            ("relay.retention_s", s(self.relay.retention_s), true),
         ];
-        for (key, value) in millis {
-            if value > TEN_YEARS_S * 1000 {
-                bail!(
-                    "invalid configuration: `{key}` must be at most {} (ten years)",
-                    TEN_YEARS_S * 1000
-                );
+        for (key, ms, zero_allowed) in durations {
+            if ms == 0 && !zero_allowed {
+                bail!("invalid configuration: `{key}` must be greater than 0");
+            }
+            if ms > TEN_YEARS_MS {
+                bail!("invalid configuration: `{key}` must be at most ten years");
             }
         }
         if self.database.statement_timeout_ms > i32::MAX as u64 {
