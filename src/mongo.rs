@@ -264,9 +264,9 @@ impl Sink {
     /// Inserts the documents of `rows` in unordered commands of at most
     /// `MAX_INSERT_BYTES` (one, but for huge batches). Answers the outcome per
     /// aggregate, and the rows whose document already exists. Rows of a
-    /// command not sent answer `Late` past `start_by`, or the outcome of the
-    /// command that failed before them: a second one would likely fail alike,
-    /// and wait out another timeout within the lease.
+    /// command not sent answer `Late` past `start_by`, or `Transient` after a
+    /// command failed for want of the server: the next would likely fail
+    /// alike, and wait out another timeout within the lease.
     async fn insert_new(
         &self,
         rows: Vec<Write>,
@@ -274,7 +274,7 @@ impl Sink {
     ) -> (HashMap<String, Outcome>, Vec<Write>) {
         let mut outcomes = HashMap::with_capacity(rows.len());
         let mut existing = Vec::new();
-        let mut failed: Option<Outcome> = None;
+        let mut server_failed: Option<String> = None;
         let mut rows = rows.into_iter().peekable();
         while rows.peek().is_some() {
             let mut chunk = Vec::new();
@@ -285,8 +285,10 @@ impl Sink {
                 bytes += row.bytes;
                 chunk.push(row);
             }
-            let not_sent = match &failed {
-                Some(outcome) => Some(outcome.clone()),
+            let not_sent = match &server_failed {
+                Some(error) => Some(Outcome::Transient(format!(
+                    "not sent: an earlier insert of the batch failed: {error}"
+                ))),
                 None if start_by.passed() => Some(Outcome::Late),
                 None => None,
             };
@@ -301,7 +303,9 @@ impl Sink {
                 }
                 Err((done, outcome)) => {
                     outcomes.extend(done);
-                    failed = Some(outcome);
+                    if let Outcome::Transient(error) | Outcome::Unanswered(error) = outcome {
+                        server_failed = Some(error);
+                    }
                 }
             }
         }
