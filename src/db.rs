@@ -139,6 +139,8 @@ pub fn is_transient(err: &tokio_postgres::Error) -> bool {
                 || *code == SqlState::T_R_SERIALIZATION_FAILURE
                 || *code == SqlState::T_R_DEADLOCK_DETECTED
                 || *code == SqlState::LOCK_NOT_AVAILABLE
+                // A standby, or a primary being demoted, during a failover.
+                || *code == SqlState::READ_ONLY_SQL_TRANSACTION
         }
     }
 }

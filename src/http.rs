@@ -1,5 +1,5 @@
 //! The HTTP/1 server loop shared by ingest and the relay's metrics endpoint:
-//! a connection limit, a header read timeout, and graceful shutdown.
+//! a connection limit, header read and write timeouts, and graceful shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,6 +17,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
 
 /// Limits that keep slow or numerous clients from starving the others.
@@ -24,6 +25,10 @@ use tokio_util::sync::CancellationToken;
 pub struct Limits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
+    /// How long an answer may wait for the client to read it. A client that
+    /// stops reading (pipelining requests it never reads the answers to) would
+    /// otherwise hold its connection slot for good.
+    pub write_timeout: Duration,
     pub shutdown_timeout: Duration,
 }
 
@@ -73,6 +78,8 @@ pub async fn serve<H, F>(
             },
         };
         let _ = stream.set_nodelay(true);
+        let mut stream = TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(limits.write_timeout));
         let handler = handler.clone();
         let service = service_fn(move |req| {
             let handler = handler.clone();
@@ -81,7 +88,7 @@ pub async fn serve<H, F>(
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
-            .serve_connection(TokioIo::new(stream), service);
+            .serve_connection(TokioIo::new(Box::pin(stream)), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;

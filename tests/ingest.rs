@@ -287,6 +287,8 @@ async fn refuses_large_bodies_and_other_content_types() {
             .collect();
         let response = sample_signed(&http, &ingest.url(), &headers).await;
         assert_eq!(response.status().as_u16(), 415, "{content_type:?}");
+        // Answered before the body was read: the connection ends with it.
+        assert_eq!(response.headers()["connection"], "close");
     }
     // A compressed body is refused, not verified and parsed as if it were JSON.
     for encoding in ["gzip", "deflate, gzip", "br"] {
@@ -898,5 +900,151 @@ async fn blank_optional_fields_count_as_absent() {
     assert_eq!(status, 400, "{answer}");
     assert_eq!(answer["field"], "creditor_debt.creditor_name");
     assert_eq!(rows(&env).await, (1, 1, 1));
+    ingest.stop().await;
+}
+
+/// Sends `request` on a new connection and reads until the server closes it.
+async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn probes_answer_head_and_a_wrong_method_names_the_allowed_ones() {
+    let env = TestEnv::new().await;
+    let ingest = Ingest::start(&env.config()).await;
+    let head = raw_exchange(
+        ingest.addr,
+        b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.ends_with("\r\n\r\n"), "no body: {head}");
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", ingest.addr);
+    let response = http.head(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    for (method, path, allow) in [
+        (reqwest::Method::POST, "/healthz", "GET, HEAD"),
+        (reqwest::Method::DELETE, "/metrics", "GET, HEAD"),
+        (reqwest::Method::GET, "/webhooks/email", "POST"),
+    ] {
+        let response = http
+            .request(method.clone(), format!("{base}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 405, "{method} {path}");
+        assert_eq!(response.headers()["allow"], allow, "{method} {path}");
+    }
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_body_sent_at_once_still_gets_its_answer() {
+    let env = TestEnv::new().await;
+    let ingest = Ingest::start(&env.config()).await;
+    // The whole 2 MiB body follows the headers at once, as most clients send it.
+    let mut request = format!(
+        "POST /webhooks/email HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        2 * 1024 * 1024
+    )
+    .into_bytes();
+    request.extend(std::iter::repeat_n(b' ', 2 * 1024 * 1024));
+    let answer = raw_exchange(ingest.addr, &request).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.to_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert_eq!(rows(&env).await, (0, 0, 0));
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_in_one_byte_chunks_is_read_whole() {
+    let env = TestEnv::new().await;
+    let ingest = Ingest::start(&env.config()).await;
+    let ts = now_stamp();
+    let sig = webhook::sign(SECRET.as_bytes(), &ts, SAMPLE.as_bytes());
+    let mut request = format!(
+        "POST /webhooks/email HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{}: {sig}\r\n{}: {ts}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        webhook::SIGNATURE_HEADER,
+        webhook::TIMESTAMP_HEADER
+    )
+    .into_bytes();
+    for byte in SAMPLE.as_bytes() {
+        request.extend_from_slice(b"1\r\n");
+        request.push(*byte);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let answer = raw_exchange(ingest.addr, &request).await;
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    assert_eq!(rows(&env).await, (1, 1, 1));
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_answers_gives_up_its_connection() {
+    let env = TestEnv::new().await;
+    let mut config = env.config();
+    config.ingest.max_connections = 1;
+    config.ingest.body_read_timeout_ms = 1000;
+    let ingest = Ingest::start(&config).await;
+    // Pipelined probes whose answers are never read, with a small receive
+    // buffer: the server's writes stall and, unbounded, would hold the only slot.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut greedy = socket.connect(ingest.addr).await.unwrap();
+    let writer = tokio::spawn(async move {
+        let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".repeat(100_000);
+        let _ = greedy.write_all(&request).await;
+        // Held open, never read, until the test ends.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
+    let response = http
+        .get(format!("http://{}/healthz", ingest.addr))
+        .send()
+        .await;
+    assert_eq!(
+        response.map(|r| r.status().as_u16()).ok(),
+        Some(200),
+        "another client is served once the stalled one is cut off"
+    );
+    writer.abort();
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn a_read_only_database_answers_503_not_500() {
+    // What a webhook meets during a failover: a standby, or a primary being demoted.
+    let env = TestEnv::new().await;
+    env.pg()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" SET default_transaction_read_only = on",
+            env.name
+        ))
+        .await
+        .unwrap();
+    let ingest = Ingest::start(&env.config()).await;
+    let http = reqwest::Client::new();
+    let response = sample_signed(
+        &http,
+        &ingest.url(),
+        &[("content-type", "application/json")],
+    )
+    .await;
+    assert_eq!(response.status().as_u16(), 503);
+    assert!(response.headers().contains_key("retry-after"));
     ingest.stop().await;
 }

@@ -11,10 +11,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
+use bytes::BytesMut;
 use deadpool_postgres::Pool;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
-use hyper::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Incoming};
+use hyper::header::{
+    ALLOW, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::{ExposeSecret, SecretString};
@@ -90,6 +93,8 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationT
     let limits = Limits {
         max_connections: app.config.max_connections,
         header_read_timeout: Duration::from_millis(app.config.header_read_timeout_ms),
+        // As long as a body may take to arrive, an answer may take to leave.
+        write_timeout: Duration::from_millis(app.config.body_read_timeout_ms),
         shutdown_timeout: Duration::from_secs(app.config.shutdown_timeout_s),
     };
     http::serve(listener, limits, shutdown, move |req| {
@@ -100,14 +105,18 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationT
 
 async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let started = Instant::now();
+    // A body left unread here would be read as the next request, or reset the
+    // connection when it closes: the answer says the connection ends.
+    let unread_body = !req.body().is_end_stream();
+    let probe = matches!(*req.method(), Method::GET | Method::HEAD);
     let (name, response) = match (req.method(), req.uri().path()) {
         (&Method::POST, "/webhooks/email") => ("/webhooks/email", webhook(&app, req).await),
-        (&Method::GET, "/healthz") => (
+        (_, "/healthz") if probe => (
             "/healthz",
             http::json(StatusCode::OK, &json!({"status": "ok"})),
         ),
-        (&Method::GET, "/readyz") => ("/readyz", readyz(&app).await),
-        (&Method::GET, "/metrics") => (
+        (_, "/readyz") if probe => ("/readyz", readyz(&app).await),
+        (_, "/metrics") if probe => (
             "/metrics",
             http::text(
                 StatusCode::OK,
@@ -115,13 +124,25 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 "text/plain; version=0.0.4",
             ),
         ),
-        (_, "/webhooks/email" | "/healthz" | "/readyz" | "/metrics") => (
-            "other",
-            http::status_only(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
-        ),
+        (_, path @ ("/webhooks/email" | "/healthz" | "/readyz" | "/metrics")) => {
+            let allow = if path == "/webhooks/email" {
+                "POST"
+            } else {
+                "GET, HEAD"
+            };
+            let mut response =
+                http::status_only(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static(allow));
+            ("other", closing_if(unread_body, response))
+        }
         _ => (
             "other",
-            http::status_only(StatusCode::NOT_FOUND, "not found"),
+            closing_if(
+                unread_body,
+                http::status_only(StatusCode::NOT_FOUND, "not found"),
+            ),
         ),
     };
     let status = response.status().as_u16().to_string();
@@ -172,10 +193,10 @@ async fn webhook(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
     if !is_json {
         tracing::info!(outcome = "unsupported_media_type", "webhook refused");
-        return http::status_only(
+        return closing(http::status_only(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "Content-Type must be application/json",
-        );
+        ));
     }
     // A compressed body would be verified and parsed as if it were the JSON.
     let encoded = req.headers().get_all(CONTENT_ENCODING).iter().any(|v| {
@@ -184,10 +205,10 @@ async fn webhook(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
     });
     if encoded {
         tracing::info!(outcome = "unsupported_media_type", "webhook refused");
-        return http::status_only(
+        return closing(http::status_only(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "Content-Encoding is not supported; send the JSON uncompressed",
-        );
+        ));
     }
     let limit = app.config.body_limit_bytes;
     let declared = req
@@ -197,7 +218,7 @@ async fn webhook(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         tracing::info!(outcome = "too_large", "webhook refused");
-        return too_large(limit);
+        return closing(too_large(limit));
     }
     let header = |name: &str| {
         req.headers()
@@ -208,27 +229,26 @@ async fn webhook(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let signature = header(webhook::SIGNATURE_HEADER);
     let timestamp = header(webhook::TIMESTAMP_HEADER);
 
-    let read = Limited::new(req.into_body(), limit).collect();
+    let read = read_body(req.into_body(), limit, declared.unwrap_or(0) as usize);
     let body =
         match tokio::time::timeout(Duration::from_millis(app.config.body_read_timeout_ms), read)
             .await
         {
             Err(_) => {
                 tracing::info!(outcome = "body_timeout", "webhook refused");
-                return http::status_only(
+                return closing(http::status_only(
                     StatusCode::REQUEST_TIMEOUT,
                     "timed out reading the body",
-                );
+                ));
             }
-            Ok(Err(e))
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some() =>
-            {
+            Ok(Ok(None)) => {
                 tracing::info!(outcome = "too_large", "webhook refused");
-                return too_large(limit);
+                return closing(too_large(limit));
             }
-            Ok(Err(_)) => return bad_request(None, "could not read the request body"),
-            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(_)) => {
+                return closing(bad_request(None, "could not read the request body"));
+            }
+            Ok(Ok(Some(body))) => body,
         };
 
     if let Err(e) = webhook::verify(
@@ -322,6 +342,39 @@ async fn webhook(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
             )
         }
     }
+}
+
+/// Reads the body into one buffer; `None` past `limit` bytes. Not hyper's
+/// frames kept apart: a body sent in one-byte chunks would cost tens of times
+/// its size in frame headers and the read buffers they pin.
+async fn read_body(
+    mut body: Incoming,
+    limit: usize,
+    expected: usize,
+) -> Result<Option<Bytes>, hyper::Error> {
+    let mut buffer = BytesMut::with_capacity(expected.min(limit));
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            if buffer.len() + data.len() > limit {
+                return Ok(None);
+            }
+            buffer.extend_from_slice(&data);
+        }
+    }
+    Ok(Some(buffer.freeze()))
+}
+
+/// The answer, and the end of the connection: sent before the request's body
+/// was read to its end.
+fn closing(mut response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+fn closing_if(close: bool, response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    if close { closing(response) } else { response }
 }
 
 fn too_large(limit: usize) -> Response<Full<Bytes>> {

@@ -171,6 +171,7 @@ async fn serve_metrics(
     let limits = Limits {
         max_connections: 64,
         header_read_timeout: Duration::from_secs(5),
+        write_timeout: Duration::from_secs(5),
         shutdown_timeout: Duration::from_secs(1),
     };
     if let Ok(addr) = listener.local_addr() {
