@@ -23,7 +23,7 @@ impl Amount {
             return Err("must be a non-negative decimal string such as \"1234.56\"");
         }
         if int.len() > MAX_INTEGER_DIGITS {
-            return Err("is too large");
+            return Err("must have at most 15 integer digits");
         }
         let frac = frac.unwrap_or("");
         if text.contains('.') && frac.is_empty() {
@@ -35,7 +35,9 @@ impl Amount {
         if frac.len() > 2 {
             return Err("must have at most 2 fraction digits");
         }
-        let int_value: i64 = int.parse().map_err(|_| "is too large")?;
+        let int_value: i64 = int
+            .parse()
+            .map_err(|_| "must have at most 15 integer digits")?;
         let cents: i64 = match frac.len() {
             0 => 0,
             1 => frac.parse::<i64>().unwrap_or(0) * 10,
