@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use deadpool_postgres::{
+    Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts,
+};
 use secrecy::ExposeSecret;
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
@@ -61,6 +63,11 @@ pub fn pg_config(config: &DatabaseConfig) -> anyhow::Result<tokio_postgres::Conf
     Ok(pg)
 }
 
+/// Pooled connections are replaced once this old: a session opened on a server
+/// that was read-only then (a standby, a lock-out since cleared), or on the old
+/// primary after a failover, does not outlive the change by more than this.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
+
 /// Builds a pool; connections are opened lazily, so this succeeds while PostgreSQL is down.
 pub fn pool(config: &DatabaseConfig) -> anyhow::Result<Pool> {
     let pg = pg_config(config)?;
@@ -74,6 +81,12 @@ pub fn pool(config: &DatabaseConfig) -> anyhow::Result<Pool> {
     let wait = Duration::from_millis(config.pool_wait_ms);
     Pool::builder(manager)
         .max_size(config.pool_size)
+        .pre_recycle(Hook::sync_fn(|_, metrics| {
+            if metrics.age() > MAX_CONNECTION_AGE {
+                return Err(HookError::message("replaced: past its maximum age"));
+            }
+            Ok(())
+        }))
         .runtime(Runtime::Tokio1)
         .timeouts(Timeouts {
             wait: Some(wait),
@@ -143,6 +156,12 @@ pub fn is_transient(err: &tokio_postgres::Error) -> bool {
                 || *code == SqlState::READ_ONLY_SQL_TRANSACTION
         }
     }
+}
+
+/// A read-only session: on a standby, on a primary being demoted, or with
+/// `default_transaction_read_only` set when it began.
+pub fn is_read_only(err: &tokio_postgres::Error) -> bool {
+    err.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION)
 }
 
 /// Whether a pool error means PostgreSQL is unavailable (rather than a bug).

@@ -154,15 +154,23 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
 }
 
 async fn readyz(app: &App) -> Response<Full<Bytes>> {
+    // Ready means writable: a read-only server answers every webhook 503.
     let check = async {
         let client = app.pool.get().await.map_err(|e| db::summarize_pool(&e))?;
-        client
-            .simple_query("SELECT 1")
+        let read_only: String = client
+            .query_one("SHOW transaction_read_only", &[])
             .await
-            .map_err(|e| db::summarize(&e))
+            .map_err(|e| db::summarize(&e))?
+            .get(0);
+        if read_only == "on" {
+            drop(deadpool_postgres::Object::take(client));
+            return Err("read-only".to_owned());
+        }
+        Ok(())
     };
     match tokio::time::timeout(Duration::from_secs(2), check).await {
-        Ok(Ok(_)) => http::json(StatusCode::OK, &json!({"status": "ready"})),
+        Ok(Ok(())) => http::json(StatusCode::OK, &json!({"status": "ready"})),
+        Ok(Err(e)) if e == "read-only" => unavailable("PostgreSQL is read-only"),
         _ => unavailable("PostgreSQL is unavailable"),
     }
 }
@@ -352,7 +360,8 @@ async fn read_body(
     limit: usize,
     expected: usize,
 ) -> Result<Option<Bytes>, hyper::Error> {
-    let mut buffer = BytesMut::with_capacity(expected.min(limit));
+    // Not all of a declared length up front: the headers alone would reserve it.
+    let mut buffer = BytesMut::with_capacity(expected.min(limit).min(64 * 1024));
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
             if buffer.len() + data.len() > limit {
@@ -433,7 +442,14 @@ async fn accept(app: &App, event: &webhook::Event) -> Result<(Accepted, bool), F
                     return Ok((first, true));
                 }
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                if db::is_read_only(&e) {
+                    // The session stays read-only after the server is writable
+                    // again (a failover, a cleared lock-out): a new one is not.
+                    drop(deadpool_postgres::Object::take(client));
+                }
+                return Err(e.into());
+            }
         }
     }
     Err(Failure::Unavailable(
