@@ -346,12 +346,7 @@ async fn mark(
         }
         // Not applied, so not stale: rescue counted the attempt once the lease
         // ended, or a new holder has the row.
-        let moved: std::collections::HashSet<i64> = moved.iter().map(|m| m.0).collect();
-        for row in ids
-            .iter()
-            .filter(|id| !moved.contains(id))
-            .map(|id| rows_by_id[id])
-        {
+        for row in unmarked(&ids, moved.iter().map(|m| m.0), &rows_by_id) {
             tracing::debug!(
                 outbox_id = row.id, email_id = row.email_id, idempotency_key = %row.idempotency_key,
                 operation = %row.operation, relay_id = %shared.relay_id, error = %error,
@@ -435,9 +430,7 @@ fn stale(
     marked: impl Iterator<Item = i64>,
     rows: &BTreeMap<i64, &outbox::Claimed>,
 ) {
-    let marked: std::collections::HashSet<i64> = marked.collect();
-    for id in expected.iter().filter(|id| !marked.contains(id)) {
-        let row = rows[id];
+    for row in unmarked(expected, marked, rows) {
         metrics::counter!("outboxd_relay_rows_stale_total").increment(1);
         tracing::warn!(
             outbox_id = row.id, email_id = row.email_id, idempotency_key = %row.idempotency_key,
@@ -445,6 +438,21 @@ fn stale(
             "lease lost before the mark; leaving the row to its new holder"
         );
     }
+}
+
+/// The rows of `expected` that a mark did not move: their lease had gone to
+/// rescue or to a new holder.
+fn unmarked<'a>(
+    expected: &[i64],
+    marked: impl Iterator<Item = i64>,
+    rows: &BTreeMap<i64, &'a outbox::Claimed>,
+) -> Vec<&'a outbox::Claimed> {
+    let marked: std::collections::HashSet<i64> = marked.collect();
+    expected
+        .iter()
+        .filter(|id| !marked.contains(id))
+        .map(|id| rows[id])
+        .collect()
 }
 
 pub(crate) fn is_transient(e: &anyhow::Error) -> bool {
