@@ -155,23 +155,23 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
 
 async fn readyz(app: &App) -> Response<Full<Bytes>> {
     // Ready means writable: a read-only server answers every webhook 503.
+    const DOWN: &str = "PostgreSQL is unavailable";
     let check = async {
-        let client = app.pool.get().await.map_err(|e| db::summarize_pool(&e))?;
-        let read_only: String = client
+        let client = app.pool.get().await.map_err(|_| DOWN)?;
+        let row = client
             .query_one("SHOW transaction_read_only", &[])
             .await
-            .map_err(|e| db::summarize(&e))?
-            .get(0);
-        if read_only == "on" {
+            .map_err(|_| DOWN)?;
+        if row.get::<_, String>(0) == "on" {
             drop(deadpool_postgres::Object::take(client));
-            return Err("read-only".to_owned());
+            return Err("PostgreSQL is read-only");
         }
         Ok(())
     };
     match tokio::time::timeout(Duration::from_secs(2), check).await {
         Ok(Ok(())) => http::json(StatusCode::OK, &json!({"status": "ready"})),
-        Ok(Err(e)) if e == "read-only" => unavailable("PostgreSQL is read-only"),
-        _ => unavailable("PostgreSQL is unavailable"),
+        Ok(Err(message)) => unavailable(message),
+        Err(_) => unavailable(DOWN),
     }
 }
 
