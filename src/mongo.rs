@@ -185,7 +185,6 @@ impl Sink {
                         id: row.id,
                         aggregate_id: row.aggregate_id.clone(),
                         doc,
-                        bytes: 0,
                     };
                     match newest.entry(&row.aggregate_id) {
                         Entry::Vacant(e) => {
@@ -204,13 +203,10 @@ impl Sink {
         let mut too_large = Vec::new();
         let mut writes = Vec::with_capacity(newest.len());
         let mut buffer = Vec::new();
-        for mut write in newest.into_values() {
+        for write in newest.into_values() {
             buffer.clear();
             match write.doc.to_writer(&mut buffer) {
-                Ok(()) if buffer.len() <= MAX_DOCUMENT_BYTES => {
-                    write.bytes = buffer.len();
-                    writes.push(write);
-                }
+                Ok(()) if buffer.len() <= MAX_DOCUMENT_BYTES => writes.push((write, buffer.len())),
                 Ok(()) => too_large.push((
                     write.aggregate_id,
                     Outcome::Permanent(format!(
@@ -261,15 +257,15 @@ impl Sink {
         outcomes
     }
 
-    /// Inserts the documents of `rows` in unordered commands of at most
-    /// `MAX_INSERT_BYTES` (one, but for huge batches). Answers the outcome per
-    /// aggregate, and the rows whose document already exists. Rows of a
-    /// command not sent answer `Late` past `start_by`, or `Transient` after a
-    /// command failed for want of the server: the next would likely fail
-    /// alike, and wait out another timeout within the lease.
+    /// Inserts the documents of `rows` (each with its encoded size) in unordered
+    /// commands of at most `MAX_INSERT_BYTES` (one, but for huge batches).
+    /// Answers the outcome per aggregate, and the rows whose document already
+    /// exists. Rows of a command not sent answer `Late` past `start_by`, or
+    /// `Transient` after a command failed for want of the server: the next
+    /// would likely fail alike, and wait out another timeout within the lease.
     async fn insert_new(
         &self,
-        rows: Vec<Write>,
+        rows: Vec<(Write, usize)>,
         start_by: &StartBy,
     ) -> (HashMap<String, Outcome>, Vec<Write>) {
         let mut outcomes = HashMap::with_capacity(rows.len());
@@ -279,10 +275,10 @@ impl Sink {
         while rows.peek().is_some() {
             let mut chunk = Vec::new();
             let mut bytes = 0;
-            while let Some(row) =
-                rows.next_if(|r| chunk.is_empty() || bytes + r.bytes <= MAX_INSERT_BYTES)
+            while let Some((row, size)) =
+                rows.next_if(|(_, size)| chunk.is_empty() || bytes + size <= MAX_INSERT_BYTES)
             {
-                bytes += row.bytes;
+                bytes += size;
                 chunk.push(row);
             }
             let not_sent = match &server_failed {
@@ -438,8 +434,6 @@ struct Write {
     id: i64,
     aggregate_id: String,
     doc: Document,
-    /// Its encoded size, once taken.
-    bytes: usize,
 }
 
 /// Outcomes by aggregate.
