@@ -94,11 +94,12 @@ pub async fn connect(config: &MongoConfig) -> anyhow::Result<Sink> {
     let mut options = ClientOptions::parse(config.url.expose_secret())
         .await
         .map_err(|e| {
-            let message = format!("invalid `mongodb.url` (MONGODB_URL): {}", redact(&e));
             // A malformed URL is the configuration's fault; a failed SRV lookup is not.
             match *e.kind {
-                ErrorKind::InvalidArgument { .. } => anyhow::Error::from(Invalid(message)),
-                _ => anyhow::anyhow!(message),
+                ErrorKind::InvalidArgument { .. } => {
+                    anyhow::Error::from(Invalid(malformed_url(config.url.expose_secret(), &e)))
+                }
+                _ => anyhow::anyhow!("invalid `mongodb.url` (MONGODB_URL): {}", redact(&e)),
             }
         })?;
     let timeout = Duration::from_millis(config.timeout_ms);
@@ -116,6 +117,22 @@ pub async fn connect(config: &MongoConfig) -> anyhow::Result<Sink> {
         collection: config.collection.clone(),
         timeout,
     })
+}
+
+/// Why the URL was refused. The driver splits a URL at its first `?` before it
+/// looks for the credentials' `@`, so its reason can quote part of a password
+/// that holds an unencoded `?`, `/` or `#`; with credentials in the URL, it is
+/// withheld.
+fn malformed_url(url: &str, err: &MongoError) -> String {
+    let reason = if url.contains('@') {
+        "not a valid MongoDB URL (the reason is withheld, since the URL holds \
+         credentials); percent-encode any `:` `/` `?` `#` `[` `]` `@` in the \
+         user name and password"
+            .to_string()
+    } else {
+        err.to_string()
+    };
+    format!("invalid `mongodb.url` (MONGODB_URL): {reason}")
 }
 
 /// A MongoDB error as text, without the URL or credentials.

@@ -362,6 +362,25 @@ fn secrets_never_appear_in_errors() {
         err.contains("line 2") && !err.contains("hunter2secret"),
         "{err}"
     );
+
+    // A `?` in a password: the driver splits there, and its reason would quote
+    // what lies on either side of it.
+    for url in [
+        "mongodb://u:hunter2?secret@127.0.0.1:1/x",
+        "mongodb://u:1234?hunter2secret@127.0.0.1:1/x",
+        "mongodb://u:hunt/er2secret@127.0.0.1:1/x",
+    ] {
+        let out = outboxd(&["check"], &[("MONGODB_URL".into(), url.into())]);
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            all.contains("percent-encode") && !all.contains("hunter2") && !all.contains("secret"),
+            "{all}"
+        );
+    }
 }
 
 #[tokio::test]
