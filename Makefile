@@ -39,7 +39,7 @@ help: ## list targets
 	echo
 	echo 'eval "$$(make -s services)"   sets DATABASE_URL and MONGODB_URL in your shell'
 
-services: ## start PostgreSQL + FerretDB if needed; prints export lines (eval "$(make -s services)")
+services: ## start PostgreSQL + FerretDB if needed; prints export lines for eval "$(make -s services)" (not to a terminal)
 	@scripts/services.sh
 
 status: ## show whether PostgreSQL and FerretDB are answering

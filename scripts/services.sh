@@ -482,6 +482,11 @@ up() {
     MONGO_OUT=""
     choose_mongo
     log "all services ready ($((SECONDS - started)) s)"
+    # The URLs hold passwords: written for eval, never to a terminal.
+    if [ -t 1 ]; then
+        log "to export DATABASE_URL and MONGODB_URL into your shell: eval \"\$(make -s services)\""
+        return 0
+    fi
     printf 'export DATABASE_URL=%q\n' "postgres://$PG_ROLE:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB"
     printf 'export MONGODB_URL=%q\n' "$MONGO_OUT"
 }

@@ -541,7 +541,7 @@ async fn chaos_campaign() {
     for relay in &mut relays {
         setup.spawn_relay(relay);
     }
-    let http = reqwest::Client::builder()
+    let http = common::http_builder()
         .timeout(Duration::from_secs(15))
         .pool_max_idle_per_host(16)
         .build()

@@ -21,7 +21,7 @@ async fn rows(env: &TestEnv) -> (i64, i64, i64) {
 async fn accepts_a_signed_webhook_and_writes_three_rows() {
     let env = TestEnv::new().await;
     let ingest = Ingest::start(&env.config()).await;
-    let http = reqwest::Client::new();
+    let http = common::http();
 
     let (status, body) = post_signed(&http, &ingest.url(), SAMPLE).await;
     assert_eq!(status, 202, "{body}");
@@ -62,7 +62,7 @@ async fn accepts_a_signed_webhook_and_writes_three_rows() {
 async fn refuses_bad_signatures_with_401_and_writes_nothing() {
     let env = TestEnv::new().await;
     let ingest = Ingest::start(&env.config()).await;
-    let http = reqwest::Client::new();
+    let http = common::http();
     let ts = now_stamp();
     let good = webhook::sign(SECRET.as_bytes(), &ts, SAMPLE.as_bytes());
     let wrong_secret = webhook::sign(b"another-secret", &ts, SAMPLE.as_bytes());
@@ -131,7 +131,7 @@ async fn refuses_bad_signatures_with_401_and_writes_nothing() {
 async fn names_the_field_of_every_invalid_body_and_writes_nothing() {
     let env = TestEnv::new().await;
     let ingest = Ingest::start(&env.config()).await;
-    let http = reqwest::Client::new();
+    let http = common::http();
     let sample: Value = serde_json::from_str(SAMPLE).unwrap();
     let with = |path: &[&str], value: Option<Value>| {
         let mut v = sample.clone();
@@ -247,7 +247,7 @@ async fn names_the_field_of_every_invalid_body_and_writes_nothing() {
 async fn refuses_large_bodies_and_other_content_types() {
     let env = TestEnv::new().await;
     let ingest = Ingest::start(&env.config()).await;
-    let http = reqwest::Client::new();
+    let http = common::http();
 
     let mut huge: Value = serde_json::from_str(SAMPLE).unwrap();
     huge["email"]["body"] = Value::String("x".repeat(1024 * 1024 + 1));
@@ -335,7 +335,7 @@ async fn sample_signed(
 async fn a_redelivery_answers_200_with_the_first_answer() {
     let env = TestEnv::new().await;
     let ingest = Ingest::start(&env.config()).await;
-    let http = reqwest::Client::new();
+    let http = common::http();
     let (status, first) = post_signed(&http, &ingest.url(), SAMPLE).await;
     assert_eq!(status, 202);
     let (status, again) = post_signed(&http, &ingest.url(), SAMPLE).await;
@@ -382,7 +382,7 @@ async fn a_redelivery_answers_200_with_the_first_answer() {
 async fn key_is_stable_when_json_keys_are_reordered() {
     let env = TestEnv::new().await;
     let ingest = Ingest::start(&env.config()).await;
-    let http = reqwest::Client::new();
+    let http = common::http();
     let reordered = r#"{"creditor_debt":{"currency":"EUR","amount":"1234.56","creditor_reference":"K-99812",
         "creditor_name":"Sparkasse KölnBonn","client_reference":"MP-2026-0042"},"ticket_id":81234,
         "email":{"received_at":"2026-11-28T09:15:00Z","body":"b","subject":"s","from":"a@b.example"},
@@ -402,7 +402,7 @@ async fn forty_concurrent_identical_deliveries_write_once() {
     let mut config = env.config();
     config.database.pool_size = 40;
     let ingest = Ingest::start(&config).await;
-    let http = reqwest::Client::new();
+    let http = common::http();
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(40));
     let mut tasks = Vec::new();
     for _ in 0..40 {
@@ -439,7 +439,7 @@ async fn postgres_down_gives_503_then_recovers_without_restart() {
     config.database.connect_timeout_ms = 2000;
     config.database.pool_wait_ms = 1000;
     let ingest = Ingest::start(&config).await;
-    let http = reqwest::Client::new();
+    let http = common::http();
     let (status, _) = post_signed(&http, &ingest.url(), &event(1, "C-1", "K-1", "1.00")).await;
     assert_eq!(status, 202);
 
@@ -498,7 +498,7 @@ async fn postgres_down_gives_503_then_recovers_without_restart() {
 async fn probes_and_metrics_answer() {
     let env = TestEnv::new().await;
     let ingest = Ingest::start(&env.config()).await;
-    let http = reqwest::Client::new();
+    let http = common::http();
     let base = format!("http://{}", ingest.addr);
     post_signed(&http, &ingest.url(), SAMPLE).await;
     post_signed(&http, &ingest.url(), SAMPLE).await;
@@ -572,7 +572,7 @@ async fn ingest_process(vars: &[(String, String)]) -> (Proc, u16) {
         vars,
         "ingest",
     );
-    let http = reqwest::Client::new();
+    let http = common::http();
     assert!(
         eventually(Duration::from_secs(10), || {
             let http = http.clone();
@@ -606,7 +606,7 @@ async fn sigterm_with_requests_in_flight_loses_none() {
     let env = TestEnv::new().await;
     let (mut ingest, port) = ingest_process(&env.child_env()).await;
     let url = format!("http://127.0.0.1:{port}/webhooks/email");
-    let http = reqwest::Client::new();
+    let http = common::http();
     let mut tasks = Vec::new();
     for n in 0..200u64 {
         let (http, url) = (http.clone(), url.clone());
@@ -730,7 +730,7 @@ async fn a_redelivery_gets_its_own_first_answer_after_its_key_was_retaken() {
     let mut config = env.config();
     config.ingest.idempotency_ttl_s = 1;
     let ingest = Ingest::start(&config).await;
-    let http = reqwest::Client::new();
+    let http = common::http();
     let mut w2: Value = serde_json::from_str(SAMPLE).unwrap();
     w2["webhook_id"] = json!("evt-w2");
     let w2 = w2.to_string();
@@ -766,7 +766,7 @@ async fn a_redelivery_gets_its_own_first_answer_after_its_key_was_retaken() {
 async fn refuses_a_creditor_reference_that_could_pose_as_a_creditor_name() {
     let env = TestEnv::new().await;
     let ingest = Ingest::start(&env.config()).await;
-    let http = reqwest::Client::new();
+    let http = common::http();
     let mut by_name: Value = serde_json::from_str(SAMPLE).unwrap();
     by_name["creditor_debt"]
         .as_object_mut()
@@ -820,7 +820,7 @@ async fn refuses_a_creditor_reference_that_could_pose_as_a_creditor_name() {
 async fn refuses_a_timestamp_less_than_a_second_beyond_the_window() {
     let env = TestEnv::new().await;
     let ingest = Ingest::start(&env.config()).await;
-    let http = reqwest::Client::new();
+    let http = common::http();
     let stamp = |offset_ms: i64| {
         (chrono::Utc::now() + chrono::Duration::milliseconds(offset_ms))
             .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
@@ -847,7 +847,7 @@ async fn refuses_a_timestamp_less_than_a_second_beyond_the_window() {
 async fn blank_optional_fields_count_as_absent() {
     let env = TestEnv::new().await;
     let ingest = Ingest::start(&env.config()).await;
-    let http = reqwest::Client::new();
+    let http = common::http();
     // As a Zendesk placeholder renders a value the ticket lacks.
     let mut blank: Value = serde_json::from_str(SAMPLE).unwrap();
     blank["email"]["message_id"] = json!("");
@@ -924,7 +924,7 @@ async fn probes_answer_head_and_a_wrong_method_names_the_allowed_ones() {
     .await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.ends_with("\r\n\r\n"), "no body: {head}");
-    let http = reqwest::Client::new();
+    let http = common::http();
     let base = format!("http://{}", ingest.addr);
     let response = http.head(format!("{base}/readyz")).send().await.unwrap();
     assert_eq!(response.status().as_u16(), 200);
@@ -1010,7 +1010,7 @@ async fn a_client_that_stops_reading_answers_gives_up_its_connection() {
         tokio::time::sleep(Duration::from_secs(60)).await;
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let http = reqwest::Client::builder()
+    let http = common::http_builder()
         .timeout(Duration::from_secs(15))
         .build()
         .unwrap();
@@ -1040,7 +1040,7 @@ async fn a_read_only_database_answers_503_not_500() {
         .await
         .unwrap();
     let ingest = Ingest::start(&env.config()).await;
-    let http = reqwest::Client::new();
+    let http = common::http();
     let response = sample_signed(
         &http,
         &ingest.url(),

@@ -258,7 +258,7 @@ async fn roles_allow_each_job_and_nothing_else() {
     let mut config = env.config();
     config.database.url = ingest_url.clone().into();
     let ingest = Ingest::start(&config).await;
-    let http = reqwest::Client::new();
+    let http = common::http();
     let (status, body) = post_signed(&http, &ingest.url(), SAMPLE).await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(post_signed(&http, &ingest.url(), SAMPLE).await.0, 200);

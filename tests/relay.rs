@@ -21,7 +21,7 @@ async fn end_to_end_the_document_holds_the_latest_amount() {
     let env = TestEnv::new().await;
     let ingest = Ingest::start(&env.config()).await;
     let _relay = relay(&env, "e2e", &[]);
-    let http = reqwest::Client::new();
+    let http = common::http();
     let mut last = serde_json::Value::Null;
     for (n, amount) in ["10.00", "20.50", "30.99"].iter().enumerate() {
         let (status, body) = post_signed(
@@ -757,7 +757,7 @@ async fn metrics_endpoint_serves_relay_metrics() {
     );
     env.seed(10, 2).await;
     assert!(env.wait_synced(Duration::from_secs(20)).await);
-    let http = reqwest::Client::new();
+    let http = common::http();
     let needles = [
         "outboxd_relay_rows_applied_total",
         "outboxd_relay_batch_size",

@@ -19,16 +19,9 @@ use tokio_postgres::NoTls;
 /// The webhook secret the benchmark's ingest runs with.
 pub const SECRET: &str = "bench-secret-not-for-production";
 
-/// `url` with its database (path) replaced.
-pub fn with_database(url: &str, name: &str) -> String {
-    let (scheme, rest) = url.split_once("://").expect("URL has a scheme");
-    let (authority, tail) = rest.split_once('/').unwrap_or((rest, ""));
-    let query = tail
-        .split_once('?')
-        .map(|(_, q)| format!("?{q}"))
-        .unwrap_or_default();
-    format!("{scheme}://{authority}/{name}{query}")
-}
+#[path = "../../tests/common/urls.rs"]
+mod urls;
+pub use urls::{check_loopback, with_database};
 
 /// Connects a plain client (its connection task runs in the background).
 pub async fn pg_connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
@@ -60,10 +53,13 @@ impl Ctx {
         )?;
         let mongo_url = std::env::var("MONGODB_URL")
             .unwrap_or_else(|_| "mongodb://127.0.0.1:27017/outboxd".into());
+        check_loopback("DATABASE_URL", &admin_url).map_err(anyhow::Error::msg)?;
+        check_loopback("MONGODB_URL", &mongo_url).map_err(anyhow::Error::msg)?;
         let admin = pg_connect(&admin_url).await?;
+        // The driver's reason can quote part of a password: not shown.
         let mongo = mongodb::Client::with_uri_str(&mongo_url)
             .await
-            .context("invalid MONGODB_URL")?;
+            .map_err(|_| anyhow::anyhow!("MONGODB_URL is not a valid MongoDB URL"))?;
         let run = format!("{:08x}", fastrand::u32(..));
         let template = format!("bench_{run}_tpl");
         let ctx = Ctx {

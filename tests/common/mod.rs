@@ -15,26 +15,34 @@ use serde_json::Value;
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
+mod urls;
+pub use urls::{check_loopback, with_database};
+
 pub const SECRET: &str = "test-secret-never-logged";
 pub const SAMPLE: &str = include_str!("../../examples/webhook-email.json");
 
 pub fn database_url() -> String {
-    std::env::var("DATABASE_URL").expect("DATABASE_URL is set (run `eval \"$(make -s services)\"`)")
+    let url = std::env::var("DATABASE_URL")
+        .expect("DATABASE_URL is set (run `eval \"$(make -s services)\"`)");
+    check_loopback("DATABASE_URL", &url).unwrap_or_else(|e| panic!("{e}"));
+    url
 }
 
 pub fn mongodb_url() -> String {
-    std::env::var("MONGODB_URL").unwrap_or_else(|_| "mongodb://127.0.0.1:27017/outboxd".into())
+    let url =
+        std::env::var("MONGODB_URL").unwrap_or_else(|_| "mongodb://127.0.0.1:27017/outboxd".into());
+    check_loopback("MONGODB_URL", &url).unwrap_or_else(|e| panic!("{e}"));
+    url
 }
 
-/// `url` with its database (path) replaced.
-pub fn with_database(url: &str, name: &str) -> String {
-    let (scheme, rest) = url.split_once("://").expect("URL has a scheme");
-    let (authority, tail) = rest.split_once('/').unwrap_or((rest, ""));
-    let query = tail
-        .split_once('?')
-        .map(|(_, q)| format!("?{q}"))
-        .unwrap_or_default();
-    format!("{scheme}://{authority}/{name}{query}")
+/// An HTTP client for the servers under test. It ignores `HTTP_PROXY` and its
+/// kin, which would send loopback requests, signatures and all, to a proxy.
+pub fn http() -> reqwest::Client {
+    http_builder().build().unwrap()
+}
+
+pub fn http_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder().no_proxy()
 }
 
 async fn admin() -> tokio_postgres::Client {
