@@ -63,6 +63,9 @@ pub enum Outcome {
     /// Not sent: the batch's lease would end before the write could finish, or
     /// the relay is shutting down.
     Late,
+    /// Not tried: coalesced into a newer message of its aggregate, which was
+    /// rejected. Alone, it may well be written.
+    Untried,
 }
 
 /// When writes may no longer start: the last instant a write can still finish
@@ -217,6 +220,10 @@ impl Sink {
         }
         // Sized once coalesced: a document too large for MongoDB fails its
         // aggregate's rows here, alone, instead of the command it would join.
+        let written: HashMap<String, i64> = newest
+            .values()
+            .map(|w| (w.aggregate_id.clone(), w.id))
+            .collect();
         let mut too_large = Vec::new();
         let mut writes = Vec::with_capacity(newest.len());
         let mut buffer = Vec::new();
@@ -264,11 +271,15 @@ impl Sink {
             if outcomes.contains_key(&row.id) {
                 continue;
             }
-            // Older messages of an aggregate share the newest one's outcome.
-            let outcome = by_aggregate
-                .get(row.aggregate_id.as_str())
-                .cloned()
-                .unwrap_or_else(|| Outcome::Transient("no outcome recorded".into()));
+            // Older messages of an aggregate share the newest one's outcome, but
+            // not its rejection, which is that message's own fault.
+            let outcome = match by_aggregate.get(row.aggregate_id.as_str()) {
+                Some(Outcome::Permanent(_)) if written[&row.aggregate_id] != row.id => {
+                    Outcome::Untried
+                }
+                Some(outcome) => outcome.clone(),
+                None => Outcome::Transient("no outcome recorded".into()),
+            };
             outcomes.insert(row.id, outcome);
         }
         outcomes

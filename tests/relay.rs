@@ -146,7 +146,11 @@ async fn a_document_past_16_mib_fails_alone_and_a_large_batch_is_split() {
     let mut huge = claimed(119, "HUGE/K", "1.00");
     huge.payload.as_mut().unwrap()["creditor_name"] = "x".repeat(17 * 1024 * 1024).into();
     rows.push(huge);
+    // An older message of that aggregate is coalesced into it, but not failed
+    // with it: it goes back to be written alone.
+    rows.push(claimed(100, "HUGE/K", "0.75"));
     let outcomes = sink.apply(&rows, 4, far()).await;
+    assert_eq!(outcomes[&100], Outcome::Untried);
     for i in 101..=118 {
         assert_eq!(outcomes[&i], Outcome::Applied, "row {i}");
     }
@@ -568,6 +572,24 @@ async fn a_poison_row_fails_with_its_reason_and_the_rest_flow() {
         .await
         .unwrap();
     }
+    // Two messages of one aggregate, claimed and coalesced together: the newer
+    // one's document is past MongoDB's limit. It fails; the older is written.
+    pg.execute(
+        "WITH e AS (INSERT INTO incoming_emails (webhook_id, ticket_id, from_address, subject, body)
+                    SELECT 'layered-' || g, g, 'a@b', 's', 'b' FROM generate_series(1, 2) g
+                    RETURNING id, ticket_id)
+         INSERT INTO outbox_messages (operation, aggregate_id, payload, email_id, idempotency_key)
+         SELECT 'update_creditor_debt', 'layered/K',
+                jsonb_build_object('client_reference', 'layered', 'creditor_reference', 'K',
+                                   'currency', 'EUR', 'amount', ticket_id || '.00',
+                                   'creditor_name', CASE WHEN ticket_id = 1 THEN 'Bank'
+                                                         ELSE repeat('x', 17 * 1024 * 1024) END),
+                id, 'layered-' || ticket_id
+         FROM e ORDER BY ticket_id",
+        &[],
+    )
+    .await
+    .unwrap();
     env.seed(20, 5).await;
     let _r = relay(&env, "poison", &[]);
     let done = eventually(Duration::from_secs(30), || async {
@@ -596,10 +618,30 @@ async fn a_poison_row_fails_with_its_reason_and_the_rest_flow() {
             "{key}: failed at once, not retried"
         );
     }
+    let layered = pg
+        .query(
+            "SELECT o.status, coalesce(o.last_error, ''), o.attempts FROM outbox_messages o
+             WHERE o.aggregate_id = 'layered/K' ORDER BY o.id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let layered: Vec<(String, String, i32)> = layered
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(layered[0], ("synced".into(), "".into(), 0), "{layered:?}");
+    assert_eq!(layered[1].0, "failed");
+    assert!(layered[1].1.contains("16 MiB"), "{layered:?}");
+    let doc = env
+        .doc("layered/K")
+        .await
+        .expect("the older message written");
+    assert_eq!(doc.get_str("amount"), Ok("1.00"));
     assert_eq!(
         env.count("SELECT count(*) FROM outbox_messages WHERE status = 'synced'")
             .await,
-        40
+        41
     );
 }
 

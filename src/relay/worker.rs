@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use deadpool_postgres::{Object, Pool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -150,9 +150,14 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     let client = shared.pool.get().await?;
     // The lease is `now() + lease_s` on the server, so it ends no sooner than
     // `lease_s` after this instant. A write may start while it can finish (or be
-    // given up) before then.
-    let last_start =
-        Instant::now() + Duration::from_secs(config.lease_s).saturating_sub(shared.sink.timeout());
+    // given up) before then, with a margin in which to extend the lease of a
+    // write that got no answer before rescue may take its row.
+    let lease = Duration::from_secs(config.lease_s);
+    let timeout = shared.sink.timeout();
+    let margin = (lease / 10)
+        .max(Duration::from_secs(1))
+        .min(lease.saturating_sub(timeout) / 2);
+    let last_start = Instant::now() + lease.saturating_sub(timeout + margin);
     // The claim also locks the batch's aggregates for this session (see `outbox::claim`).
     let batch = match outbox::claim(
         &client,
@@ -191,6 +196,7 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
 
     let mut applied = Vec::new();
     let mut late = Vec::new();
+    let mut untried = Vec::new();
     let mut failures: BTreeMap<(bool, String), Vec<i64>> = BTreeMap::new();
     let mut unanswered: BTreeMap<(bool, String), Vec<i64>> = BTreeMap::new();
     for row in &batch.rows {
@@ -202,6 +208,14 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
                     operation = %row.operation, relay_id = %shared.relay_id, "not sent: given back"
                 );
                 late.push(row.id)
+            }
+            Outcome::Untried => {
+                tracing::debug!(
+                    outbox_id = row.id, email_id = row.email_id, idempotency_key = %row.idempotency_key,
+                    operation = %row.operation, relay_id = %shared.relay_id,
+                    "not tried: the newer message it was coalesced into was rejected; given back"
+                );
+                untried.push(row.id)
             }
             Outcome::Transient(e) => failures.entry((false, e.clone())).or_default().push(row.id),
             Outcome::Unanswered(e) => unanswered
@@ -220,12 +234,32 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
         Some((_, error)) => shared.mongodb.failed(error),
         None => shared.mongodb.ok(),
     }
+    // First, while the lease surely holds: rescue must not hand these rows on
+    // while their writes may still land.
+    let held = if unanswered.is_empty() {
+        None
+    } else {
+        let ids: Vec<i64> = unanswered.values().flatten().copied().collect();
+        Some(hold_unanswered(shared, &client, &batch, &ids).await)
+    };
+    // Not attempts: the rows were never sent. The next claim takes them; given
+    // back before the marks, which may retry for a while.
+    if !untried.is_empty() {
+        match give_back(shared, &client, &batch, &untried).await {
+            Ok(n) => tracing::info!(
+                rows = n, not_held = (untried.len() as u64).saturating_sub(n),
+                relay_id = %shared.relay_id,
+                "rows given back untried: the newer message of their aggregate was rejected"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %db::summarize_any(&e), "could not give rows back; their leases will expire")
+            }
+        }
+    }
     if !late.is_empty() {
         // `Late` while the lease had time left: shutdown stopped them.
         let stopped = Instant::now() <= last_start;
-        // Not an attempt: the rows were never sent. The next claim takes them;
-        // given back before the marks, which may retry for a while.
-        match outbox::release(&client, &shared.relay_id, &late, batch.locked_until).await {
+        match give_back(shared, &client, &batch, &late).await {
             // Rows not given back had already lost their lease to rescue or a
             // new holder: they are not ours to release.
             Ok(n) if stopped => tracing::info!(
@@ -238,16 +272,21 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
                 "rows given back unwritten: the lease would end before their writes could finish; raise relay.lease_s or lower relay.batch_size"
             ),
             Err(e) => {
-                tracing::warn!(error = %db::summarize(&e), "could not give rows back; their leases will expire")
+                tracing::warn!(error = %db::summarize_any(&e), "could not give rows back; their leases will expire")
             }
         }
     }
     let marked = mark(shared, &client, &batch, applied, failures).await;
     shared.heartbeat.beat();
-    let marked = if unanswered.is_empty() {
-        marked
-    } else {
-        marked.and(await_unanswered(shared, &client, &batch, unanswered).await)
+    let marked = match held {
+        None => marked,
+        Some(locked_until) => {
+            let held = Batch {
+                rows: batch.rows.clone(),
+                locked_until,
+            };
+            marked.and(await_unanswered(shared, &client, &held, unanswered).await)
+        }
     };
     release_locks(client).await;
     marked?;
@@ -265,7 +304,69 @@ async fn release_locks(client: Object) {
     }
 }
 
-/// Records each row's outcome; retried briefly, since an unmarked row waits for its lease.
+/// How the batch's transitions are retried: briefly, since a row left unmarked
+/// waits for its lease.
+fn transition_retry(config: &RelayConfig) -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .with_total_delay(Some(Duration::from_secs(config.lease_s / 2)))
+}
+
+/// Gives held rows back unwritten, with no attempt counted. Returns how many
+/// were still held.
+async fn give_back(
+    shared: &Shared,
+    held: &Object,
+    batch: &Batch,
+    ids: &[i64],
+) -> anyhow::Result<u64> {
+    (|| async {
+        let client = connection(shared, held).await?;
+        Ok::<_, anyhow::Error>(
+            outbox::release(&*client, &shared.relay_id, ids, batch.locked_until).await?,
+        )
+    })
+    .retry(transition_retry(&shared.config))
+    .when(is_transient)
+    .await
+}
+
+/// Extends the lease of rows whose write got no answer, to cover the wait in
+/// `await_unanswered`. Returns the lease that now guards the batch's later
+/// transitions on them.
+async fn hold_unanswered(
+    shared: &Shared,
+    held: &Object,
+    batch: &Batch,
+    ids: &[i64],
+) -> DateTime<Utc> {
+    let extra = (shared.sink.timeout() * 3).as_secs_f64();
+    let extended = (|| async {
+        let client = connection(shared, held).await?;
+        Ok::<_, anyhow::Error>(
+            outbox::extend_lease(&*client, ids, &shared.relay_id, batch.locked_until, extra)
+                .await?,
+        )
+    })
+    .retry(transition_retry(&shared.config))
+    .when(is_transient)
+    .await;
+    match extended {
+        Ok(Some(until)) => until,
+        Ok(None) => batch.locked_until,
+        Err(e) => {
+            tracing::warn!(
+                error = %db::summarize_any(&e), relay_id = %shared.relay_id, rows = ids.len(),
+                "could not extend the lease of rows whose write got no answer"
+            );
+            batch.locked_until
+        }
+    }
+}
+
+/// Records each row's outcome.
 async fn mark(
     shared: &Shared,
     held: &Object,
@@ -274,11 +375,7 @@ async fn mark(
     failures: BTreeMap<(bool, String), Vec<i64>>,
 ) -> anyhow::Result<()> {
     let config = &shared.config;
-    let retry = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(2))
-        .with_jitter()
-        .with_total_delay(Some(Duration::from_secs(config.lease_s / 2)));
+    let retry = transition_retry(config);
     let rows_by_id: BTreeMap<i64, &outbox::Claimed> =
         batch.rows.iter().map(|r| (r.id, r)).collect();
 
@@ -361,35 +458,17 @@ async fn mark(
 /// timed out may still land, and FerretDB's guarded update is not atomic: until
 /// it surely has, its rows stay `processing` (which bars claims of their
 /// aggregates even if this session dies) and their aggregates locked, or a newer
-/// write could be overtaken by it. The wait may outlast the lease, which is
-/// extended so that rescue does not hand the rows on meanwhile.
+/// write could be overtaken by it. The wait may outlast the claim's lease, which
+/// `hold_unanswered` extended so that rescue does not hand the rows on meanwhile.
 async fn await_unanswered(
     shared: &Shared,
     client: &Object,
-    batch: &Batch,
+    held: &Batch,
     unanswered: BTreeMap<(bool, String), Vec<i64>>,
 ) -> anyhow::Result<()> {
-    let wait = shared.sink.timeout() * 2;
-    let ids: Vec<i64> = unanswered.values().flatten().copied().collect();
-    let extended = match connection(shared, client).await {
-        Ok(c) => {
-            let extra = (wait + shared.sink.timeout()).as_secs_f64();
-            outbox::extend_lease(&*c, &ids, &shared.relay_id, batch.locked_until, extra)
-                .await
-                .unwrap_or_else(|e| {
-                    tracing::debug!(error = %db::summarize(&e), "could not extend the lease of rows whose write got no answer");
-                    None
-                })
-        }
-        Err(_) => None,
-    };
-    tokio::time::sleep(wait).await;
+    tokio::time::sleep(shared.sink.timeout() * 2).await;
     shared.heartbeat.beat();
-    let held = Batch {
-        rows: batch.rows.clone(),
-        locked_until: extended.unwrap_or(batch.locked_until),
-    };
-    mark(shared, client, &held, Vec::new(), unanswered).await
+    mark(shared, client, held, Vec::new(), unanswered).await
 }
 
 /// The batch's own connection while it is open, else a pooled one. A worker thus
