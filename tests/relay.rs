@@ -591,7 +591,8 @@ async fn a_poison_row_fails_with_its_reason_and_the_rest_flow() {
     .await
     .unwrap();
     env.seed(20, 5).await;
-    let _r = relay(&env, "poison", &[]);
+    // One worker: a single claim takes both messages of layered/K.
+    let _r = relay(&env, "poison", &[("OUTBOXD__RELAY__WORKERS", "1")]);
     let done = eventually(Duration::from_secs(30), || async {
         env.count("SELECT count(*) FROM outbox_messages WHERE status IN ('pending', 'processing')")
             .await

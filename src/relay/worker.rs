@@ -192,6 +192,12 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
         .await;
     metrics::histogram!("outboxd_relay_apply_duration_seconds")
         .record(started.elapsed().as_secs_f64());
+    // `Late` while the lease had time left: shutdown stopped the writes.
+    let late_reason = if Instant::now() <= last_start {
+        GivenBack::ShuttingDown
+    } else {
+        GivenBack::LeaseTooShort
+    };
     shared.heartbeat.beat();
 
     let mut applied = Vec::new();
@@ -244,38 +250,8 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     };
     // Not attempts: the rows were never sent. The next claim takes them; given
     // back before the marks, which may retry for a while.
-    if !untried.is_empty() {
-        match give_back(shared, &client, &batch, &untried).await {
-            Ok(n) => tracing::info!(
-                rows = n, not_held = (untried.len() as u64).saturating_sub(n),
-                relay_id = %shared.relay_id,
-                "rows given back untried: the newer message of their aggregate was rejected"
-            ),
-            Err(e) => {
-                tracing::warn!(error = %db::summarize_any(&e), "could not give rows back; their leases will expire")
-            }
-        }
-    }
-    if !late.is_empty() {
-        // `Late` while the lease had time left: shutdown stopped them.
-        let stopped = Instant::now() <= last_start;
-        match give_back(shared, &client, &batch, &late).await {
-            // Rows not given back had already lost their lease to rescue or a
-            // new holder: they are not ours to release.
-            Ok(n) if stopped => tracing::info!(
-                rows = n, not_held = (late.len() as u64).saturating_sub(n),
-                relay_id = %shared.relay_id, "rows given back unwritten: shutting down"
-            ),
-            Ok(n) => tracing::warn!(
-                rows = n, not_held = (late.len() as u64).saturating_sub(n),
-                relay_id = %shared.relay_id, lease_s = config.lease_s,
-                "rows given back unwritten: the lease would end before their writes could finish; raise relay.lease_s or lower relay.batch_size"
-            ),
-            Err(e) => {
-                tracing::warn!(error = %db::summarize_any(&e), "could not give rows back; their leases will expire")
-            }
-        }
-    }
+    give_back(shared, &client, &batch, &untried, GivenBack::Untried).await;
+    give_back(shared, &client, &batch, &late, late_reason).await;
     let marked = mark(shared, &client, &batch, applied, failures).await;
     shared.heartbeat.beat();
     let marked = match held {
@@ -314,15 +290,21 @@ fn transition_retry(config: &RelayConfig) -> ExponentialBuilder {
         .with_total_delay(Some(Duration::from_secs(config.lease_s / 2)))
 }
 
-/// Gives held rows back unwritten, with no attempt counted. Returns how many
-/// were still held.
-async fn give_back(
-    shared: &Shared,
-    held: &Object,
-    batch: &Batch,
-    ids: &[i64],
-) -> anyhow::Result<u64> {
-    (|| async {
+/// Why rows go back unwritten.
+#[derive(Clone, Copy)]
+enum GivenBack {
+    Untried,
+    ShuttingDown,
+    LeaseTooShort,
+}
+
+/// Gives held rows back unwritten, with no attempt counted. Rows not given back
+/// had already lost their lease to rescue or a new holder: not ours to release.
+async fn give_back(shared: &Shared, held: &Object, batch: &Batch, ids: &[i64], why: GivenBack) {
+    if ids.is_empty() {
+        return;
+    }
+    let released = (|| async {
         let client = connection(shared, held).await?;
         Ok::<_, anyhow::Error>(
             outbox::release(&*client, &shared.relay_id, ids, batch.locked_until).await?,
@@ -330,7 +312,32 @@ async fn give_back(
     })
     .retry(transition_retry(&shared.config))
     .when(is_transient)
-    .await
+    .await;
+    let relay_id = &shared.relay_id;
+    let n = match released {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(
+                error = %db::summarize_any(&e), %relay_id, rows = ids.len(),
+                "could not give rows back; their leases will expire"
+            );
+            return;
+        }
+    };
+    let not_held = (ids.len() as u64).saturating_sub(n);
+    match why {
+        GivenBack::Untried => tracing::info!(
+            rows = n, not_held, %relay_id,
+            "rows given back untried: the newer message of their aggregate was rejected"
+        ),
+        GivenBack::ShuttingDown => tracing::info!(
+            rows = n, not_held, %relay_id, "rows given back unwritten: shutting down"
+        ),
+        GivenBack::LeaseTooShort => tracing::warn!(
+            rows = n, not_held, %relay_id, lease_s = shared.config.lease_s,
+            "rows given back unwritten: the lease would end before their writes could finish; raise relay.lease_s or lower relay.batch_size"
+        ),
+    }
 }
 
 /// Extends the lease of rows whose write got no answer, to cover the wait in
