@@ -15,31 +15,50 @@ pub fn with_database(url: &str, name: &str) -> String {
 /// environment must name loopback, or a Unix socket. `Err` names the variable
 /// and why, never the URL (it may hold a password).
 pub fn check_loopback(var: &str, url: &str) -> Result<(), String> {
+    let refuse = |why: &str| {
+        Err(format!(
+            "{var} must point at 127.0.0.1, localhost or ::1 (or a Unix socket), since \
+             tests and benchmarks send no traffic off this host: {why}"
+        ))
+    };
     let Some((scheme, rest)) = url.split_once("://") else {
-        return Err(format!("{var} is not a URL"));
+        return refuse("not a URL");
     };
     if scheme.ends_with("+srv") {
-        return Err(format!("{var} is a +srv URL, which looks up remote hosts"));
+        return refuse("a +srv URL looks up remote hosts");
     }
-    let authority = rest.split(['/', '?']).next().unwrap_or("");
-    // Credentials end at the last `@` of the authority.
+    let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (authority, path) = before_query.split_once('/').unwrap_or((before_query, ""));
+    if path.contains('@') || query.contains('@') {
+        // Some parsers take everything up to the last `@` as credentials.
+        return refuse("an `@` past the host");
+    }
     let hosts = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let socket_only = hosts.is_empty() && rest.contains("host=/");
-    let all_loopback = !hosts.is_empty()
-        && hosts.split(',').all(|h| {
-            let host = match h.strip_prefix('[') {
-                Some(v6) => v6.split(']').next().unwrap_or(""),
-                None => h.split(':').next().unwrap_or(""),
-            };
-            matches!(host, "127.0.0.1" | "localhost" | "::1")
-        });
-    if socket_only || all_loopback {
-        Ok(())
-    } else {
-        Err(format!(
-            "{var} must point at 127.0.0.1, localhost or ::1 (or a Unix socket): \
-             tests and benchmarks send no traffic off this host"
-        ))
+    let mut named: Vec<&str> = hosts.split(',').filter(|h| !h.is_empty()).collect();
+    for (key, value) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+        match key {
+            "host" => named.extend(value.split(',').filter(|h| !h.starts_with('/'))),
+            "hostaddr" => named.extend(value.split(',')),
+            _ => {}
+        }
+    }
+    let socket = query
+        .split('&')
+        .any(|kv| kv.strip_prefix("host=").is_some_and(|v| v.starts_with('/')));
+    if named.is_empty() && !socket {
+        return refuse("no host");
+    }
+    let loopback = |h: &str| {
+        let host = match h.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None if h.matches(':').count() > 1 => h,
+            None => h.split(':').next().unwrap_or(""),
+        };
+        matches!(host, "127.0.0.1" | "localhost" | "::1")
+    };
+    match named.into_iter().find(|h| !loopback(h)) {
+        Some(_) => refuse("a host that is not loopback"),
+        None => Ok(()),
     }
 }
 
@@ -52,6 +71,7 @@ mod tests {
             "mongodb://127.0.0.1:27017/outboxd",
             "mongodb://localhost,127.0.0.1:27018/x?replicaSet=r",
             "postgres://u:p@[::1]:5432/x",
+            "postgres://u:p@127.0.0.1/x?host=127.0.0.1&hostaddr=::1",
             "postgres:///outboxd?host=/var/run/postgresql",
         ] {
             assert_eq!(super::check_loopback("X", ok), Ok(()), "{ok}");
@@ -61,6 +81,9 @@ mod tests {
             "mongodb+srv://cluster.example/x",
             "mongodb://127.0.0.1,10.0.0.2/x",
             "postgres://u:p@127.0.0.1@evil.example/x",
+            "postgres://127.0.0.1/x@db.example",
+            "postgres://u:p@127.0.0.1/x?hostaddr=10.0.0.5",
+            "postgres:///x?host=/tmp,db.example",
             "postgres:///x",
         ] {
             assert!(super::check_loopback("X", bad).is_err(), "{bad}");
