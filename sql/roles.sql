@@ -150,6 +150,13 @@ GRANT UPDATE (sync_status) ON incoming_emails TO outboxd_relay;
 GRANT SELECT, DELETE ON idempotency_keys TO outboxd_relay;
 GRANT SELECT ON schema_migrations TO outboxd_relay;
 GRANT SELECT ON outbox_status, outbox_failed, outbox_inflight TO outboxd_relay;
+-- `outboxd audit` reads the last outbox id issued (SELECT: no nextval).
+DO $$
+BEGIN
+    EXECUTE format('GRANT SELECT ON SEQUENCE %s TO outboxd_relay',
+                   pg_get_serial_sequence('outbox_messages', 'id'));
+END
+$$;
 
 -- outboxd_readonly ----------------------------------------------------------
 -- Dashboards need no e-mail's sender, subject or body: a debtor's

@@ -45,6 +45,9 @@ async fn postgres(config: &Config) -> anyhow::Result<String> {
     let expected = migrate::latest_version();
     match migrate::current_version(&client).await? {
         Some(v) if v == expected => Ok(format!("server {version}, schema version {v}")),
+        Some(v) if v > expected => anyhow::bail!(
+            "server {version}, schema version {v} is newer than this outboxd knows ({expected}): upgrade outboxd"
+        ),
         Some(v) => anyhow::bail!(
             "server {version}, schema version {v} but this outboxd expects {expected}: run `outboxd migrate`"
         ),

@@ -47,7 +47,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command, config)) {
+    let result = runtime.block_on(dispatch(cli.command, config));
+    // Not held up by a blocking task left behind, such as a DNS lookup that hangs.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("outboxd: {e:#}");

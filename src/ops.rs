@@ -14,18 +14,23 @@ use crate::cli::RetryArgs;
 use crate::config::Config;
 use crate::{db, mongo, outbox};
 
-/// One connection. `bulk` commands run without `database.statement_timeout_ms`:
-/// requeueing after a long outage, or auditing a week of rows, may outlast it.
+/// One connection. `bulk` commands run without a statement timeout, neither
+/// `database.statement_timeout_ms` nor the role's or database's own: requeueing
+/// after a long outage, or auditing a week of rows, may outlast it.
 async fn client(config: &Config, bulk: bool) -> anyhow::Result<deadpool_postgres::Object> {
     let mut database = config.database.clone();
     database.pool_size = 1;
     if bulk {
         database.statement_timeout_ms = 0;
     }
-    db::pool(&database)?
+    let client = db::pool(&database)?
         .get()
         .await
-        .context("PostgreSQL unreachable")
+        .context("PostgreSQL unreachable")?;
+    if bulk {
+        client.batch_execute("SET statement_timeout = 0").await?;
+    }
+    Ok(client)
 }
 
 /// The status snapshot; its JSON shape is documented in the README and kept stable.
@@ -224,7 +229,8 @@ const AUDIT_LIST: usize = 20;
 const AUDIT_PAGE: i64 = 1000;
 
 /// `outboxd audit`: pages through aggregates with synced rows and compares each with
-/// its document. Exit 1 when any is missing or behind (0 once `--repair` requeued them).
+/// its document, after looking for documents ahead of PostgreSQL. Exit 1 when any
+/// is missing, behind or ahead (0 once `--repair` dealt with them all).
 pub async fn audit(
     config: &Config,
     since: Option<DateTime<Utc>>,
@@ -234,6 +240,56 @@ pub async fn audit(
     let result = audit_with(config, &sink, since, repair).await;
     sink.shutdown().await;
     result
+}
+
+/// A document's `outbox_id`, when it is a whole number.
+fn outbox_id_of(doc: &Document) -> Option<i64> {
+    match doc.get("outbox_id")? {
+        Bson::Int64(v) => Some(*v),
+        Bson::Int32(v) => Some(i64::from(*v)),
+        Bson::Double(v) if v.fract() == 0.0 && v.abs() < 9.0e15 => Some(*v as i64),
+        _ => None,
+    }
+}
+
+fn mongo_error(e: mongodb::error::Error) -> anyhow::Error {
+    anyhow::anyhow!("MongoDB: {}", mongo::redact(&e))
+}
+
+/// Documents at an outbox id PostgreSQL never issued. It lost messages (a
+/// restore from backup, a failover to a lagging standby) and now issues their
+/// ids again, so the version guard takes its new messages for old ones. `None`
+/// when this role may not read the id sequence.
+async fn documents_ahead(
+    client: &deadpool_postgres::Object,
+    collection: &mongodb::Collection<Document>,
+) -> anyhow::Result<Option<(i64, Vec<(String, i64)>)>> {
+    let issued = match outbox::last_issued_id(client).await {
+        Ok(id) => id.unwrap_or(0),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let docs: Vec<Document> = collection
+        .find(doc! { "outbox_id": { "$gt": issued } })
+        .projection(doc! { "outbox_id": 1 })
+        .await
+        .map_err(mongo_error)?
+        .try_collect()
+        .await
+        .map_err(mongo_error)?;
+    // Read again: a message issued and written meanwhile is not ahead.
+    let issued = outbox::last_issued_id(client).await?.unwrap_or(0);
+    let mut ahead: Vec<(String, i64)> = docs
+        .iter()
+        .filter_map(|d| {
+            let at = outbox_id_of(d).filter(|at| *at > issued)?;
+            Some((d.get_str("_id").ok()?.to_owned(), at))
+        })
+        .collect();
+    ahead.sort();
+    Ok(Some((issued, ahead)))
 }
 
 async fn audit_with(
@@ -246,7 +302,28 @@ async fn audit_with(
     let collection = sink
         .database()
         .collection::<Document>(sink.collection_name());
-    let (mut checked, mut missing, mut behind, mut requeued) = (0u64, Vec::new(), Vec::new(), 0u64);
+    let (mut checked, mut missing, mut behind) = (0u64, Vec::new(), Vec::new());
+    // Bad aggregates put right: a requeued row, or a document ahead deleted.
+    let mut fixed = 0u64;
+    let mut requeued = 0u64;
+    let ahead = documents_ahead(&client, &collection).await?;
+    let mut handled = std::collections::HashSet::new();
+    if let (Some((_, ahead)), true) = (&ahead, repair) {
+        for (aggregate, at) in ahead {
+            // PostgreSQL is the truth: the document goes, and its latest synced
+            // message (if it kept one) is written again.
+            let deleted = collection
+                .delete_one(doc! { "_id": aggregate, "outbox_id": at })
+                .await
+                .map_err(mongo_error)?
+                .deleted_count;
+            if let Some(latest) = outbox::latest_synced_of(&client, aggregate).await? {
+                requeued += outbox::requeue_synced(&client, latest).await?;
+            }
+            fixed += deleted;
+            handled.insert(aggregate.clone());
+        }
+    }
     let mut after = String::new();
     loop {
         let page = outbox::latest_synced_page(&client, &after, since, AUDIT_PAGE).await?;
@@ -260,55 +337,84 @@ async fn audit_with(
             .find(doc! { "_id": { "$in": ids } })
             .projection(doc! { "outbox_id": 1 })
             .await
-            .map_err(|e| anyhow::anyhow!("MongoDB: {}", mongo::redact(&e)))?
+            .map_err(mongo_error)?
             .try_collect()
             .await
-            .map_err(|e| anyhow::anyhow!("MongoDB: {}", mongo::redact(&e)))?;
-        let held: HashMap<String, i64> = docs
+            .map_err(mongo_error)?;
+        let held: HashMap<String, Option<i64>> = docs
             .iter()
-            .filter_map(|d| {
-                let id = d.get_str("_id").ok()?.to_owned();
-                let at = match d.get("outbox_id") {
-                    Some(Bson::Int64(v)) => *v,
-                    Some(Bson::Int32(v)) => *v as i64,
-                    _ => i64::MIN,
-                };
-                Some((id, at))
-            })
+            .filter_map(|d| Some((d.get_str("_id").ok()?.to_owned(), outbox_id_of(d))))
             .collect();
         for (aggregate, latest) in &page {
+            if handled.contains(aggregate) {
+                continue;
+            }
             checked += 1;
             let bad = match held.get(aggregate) {
                 None => {
-                    missing.push((aggregate.clone(), *latest, None));
+                    missing.push((aggregate.clone(), *latest, "-".to_owned()));
                     true
                 }
-                Some(at) if at < latest => {
-                    behind.push((aggregate.clone(), *latest, Some(*at)));
+                Some(None) => {
+                    behind.push((aggregate.clone(), *latest, "no numeric outbox_id".into()));
+                    true
+                }
+                Some(Some(at)) if at < latest => {
+                    behind.push((aggregate.clone(), *latest, at.to_string()));
                     true
                 }
                 Some(_) => false,
             };
             if bad && repair {
-                requeued += outbox::requeue_synced(&client, *latest).await?;
+                let n = outbox::requeue_synced(&client, *latest).await?;
+                requeued += n;
+                fixed += n;
             }
         }
     }
+    let ahead_count = match &ahead {
+        Some((_, list)) => format!("{} ahead", list.len()),
+        None => "ahead not checked".into(),
+    };
     println!(
-        "audit: {checked} aggregates checked, {} missing, {} behind",
+        "audit: {checked} aggregates checked, {} missing, {} behind, {ahead_count}",
         missing.len(),
         behind.len()
     );
     for (kind, list) in [("missing", &missing), ("behind", &behind)] {
         for (aggregate, latest, at) in list.iter().take(AUDIT_LIST) {
-            let at = at.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
             println!("  {kind:<8} {aggregate}  latest synced outbox_id {latest}, document at {at}");
         }
         if list.len() > AUDIT_LIST {
             println!("  … and {} more {kind}", list.len() - AUDIT_LIST);
         }
     }
-    let bad = missing.len() + behind.len();
+    let ahead = match ahead {
+        Some((issued, list)) => {
+            for (aggregate, at) in list.iter().take(AUDIT_LIST) {
+                println!(
+                    "  ahead    {aggregate}  document at outbox_id {at}, past the last id PostgreSQL issued ({issued})"
+                );
+            }
+            if list.len() > AUDIT_LIST {
+                println!("  … and {} more ahead", list.len() - AUDIT_LIST);
+            }
+            if !list.is_empty() && !repair {
+                println!(
+                    "  documents ahead hold messages PostgreSQL no longer has (restored from a backup?); \
+                     `outboxd audit --repair` deletes them and requeues each one's latest synced message"
+                );
+            }
+            list.len()
+        }
+        None => {
+            println!(
+                "  ahead: not checked, since this role may not read the outbox id sequence (re-run sql/roles.sql)"
+            );
+            0
+        }
+    };
+    let bad = missing.len() + behind.len() + ahead;
     if repair {
         if requeued > 0 {
             outbox::notify(&client).await?;
@@ -318,7 +424,7 @@ async fn audit_with(
             if requeued == 1 { "" } else { "s" }
         );
         // A row that retention deleted meanwhile could not be requeued.
-        return Ok(if (requeued as usize) < bad { 1 } else { 0 });
+        return Ok(if (fixed as usize) < bad { 1 } else { 0 });
     }
     Ok(if bad > 0 { 1 } else { 0 })
 }

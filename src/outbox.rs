@@ -560,6 +560,24 @@ pub async fn requeue_synced(client: &impl GenericClient, id: i64) -> Result<u64,
     Ok(n as u64)
 }
 
+/// The last outbox id PostgreSQL issued (`None` before the first). No message
+/// it knows has a higher one.
+pub async fn last_issued_id(client: &impl GenericClient) -> Result<Option<i64>, Error> {
+    const SQL: &str = "
+        SELECT pg_sequence_last_value(pg_get_serial_sequence('outbox_messages', 'id')::regclass)";
+    Ok(client.query_one(SQL, &[]).await?.get(0))
+}
+
+/// The id of an aggregate's latest synced message, if it has one.
+pub async fn latest_synced_of(
+    client: &impl GenericClient,
+    aggregate_id: &str,
+) -> Result<Option<i64>, Error> {
+    const SQL: &str =
+        "SELECT max(id) FROM outbox_messages WHERE aggregate_id = $1 AND status = 'synced'";
+    Ok(client.query_one(SQL, &[&aggregate_id]).await?.get(0))
+}
+
 /// One page of aggregates with their latest synced message, after `after`, for audit.
 pub async fn latest_synced_page(
     client: &impl GenericClient,

@@ -221,6 +221,57 @@ async fn audit_finds_missing_and_rolled_back_documents_and_repairs_them() {
     assert!(env.wait_synced(Duration::from_secs(20)).await);
     assert_eq!(outboxd(&["audit"], &env).0, 0);
     assert_eq!(env.behind().await, vec![]);
+
+    // An outbox_id written as a whole double by another tool reads as that number.
+    let at = env
+        .doc("C-6/K")
+        .await
+        .unwrap()
+        .get_i64("outbox_id")
+        .unwrap();
+    env.docs()
+        .update_one(
+            doc! {"_id": "C-6/K"},
+            doc! {"$set": {"outbox_id": at as f64}},
+        )
+        .await
+        .unwrap();
+    let (code, out) = outboxd(&["audit"], &env);
+    assert_eq!(code, 0, "{out}");
+    env.docs()
+        .update_one(doc! {"_id": "C-6/K"}, doc! {"$set": {"outbox_id": at}})
+        .await
+        .unwrap();
+
+    // PostgreSQL restored from an older backup: a document holds a message whose
+    // id PostgreSQL has not issued (yet). Its new messages would be taken as old.
+    env.docs()
+        .update_one(
+            doc! {"_id": "C-5/K"},
+            doc! {"$set": {"outbox_id": 1_000_000_i64, "amount": "lost.00"}},
+        )
+        .await
+        .unwrap();
+    let (code, out) = outboxd(&["audit"], &env);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("0 missing, 0 behind, 1 ahead"), "{out}");
+    assert!(
+        out.contains("ahead    C-5/K  document at outbox_id 1000000"),
+        "{out}"
+    );
+    let (code, out) = outboxd(&["audit", "--repair"], &env);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("requeued 1 row"), "{out}");
+    // The running relay writes PostgreSQL's latest message of C-5/K again.
+    let rewritten = eventually(Duration::from_secs(20), || async {
+        env.doc("C-5/K")
+            .await
+            .is_some_and(|d| d.get_i64("outbox_id").is_ok_and(|id| id < 1_000_000))
+    })
+    .await;
+    assert!(rewritten);
+    assert_eq!(outboxd(&["audit"], &env).0, 0);
+    assert_eq!(env.behind().await, vec![]);
 }
 
 async fn login_role(env: &TestEnv, group: &str) -> (String, String) {
@@ -311,6 +362,8 @@ async fn roles_allow_each_job_and_nothing_else() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!stdout.contains("not checked"), "{args:?}: {stdout}");
     }
 
     let connect = |url: String| async move {
