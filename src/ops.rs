@@ -242,6 +242,22 @@ pub async fn audit(
     result
 }
 
+/// Bad documents of one kind: counted, and the first few kept to list.
+#[derive(Default)]
+struct Found {
+    count: usize,
+    listed: Vec<(String, i64, String)>,
+}
+
+impl Found {
+    fn add(&mut self, aggregate: &str, latest: i64, at: impl FnOnce() -> String) {
+        self.count += 1;
+        if self.listed.len() < AUDIT_LIST {
+            self.listed.push((aggregate.to_owned(), latest, at()));
+        }
+    }
+}
+
 /// A document's `outbox_id`, when it is a whole number.
 fn outbox_id_of(doc: &Document) -> Option<i64> {
     match doc.get("outbox_id")? {
@@ -302,7 +318,7 @@ async fn audit_with(
     let collection = sink
         .database()
         .collection::<Document>(sink.collection_name());
-    let (mut checked, mut missing, mut behind) = (0u64, Vec::new(), Vec::new());
+    let (mut checked, mut missing, mut behind) = (0u64, Found::default(), Found::default());
     // Bad aggregates put right: a requeued row, or a document ahead deleted.
     let mut fixed = 0u64;
     let mut requeued = 0u64;
@@ -318,7 +334,7 @@ async fn audit_with(
                 .map_err(mongo_error)?
                 .deleted_count;
             if let Some(latest) = outbox::latest_synced_of(&client, aggregate).await? {
-                requeued += outbox::requeue_synced(&client, latest).await?;
+                requeued += outbox::requeue_synced(&client, &[latest]).await?;
             }
             fixed += deleted;
             handled.insert(aggregate.clone());
@@ -345,31 +361,28 @@ async fn audit_with(
             .iter()
             .filter_map(|d| Some((d.get_str("_id").ok()?.to_owned(), outbox_id_of(d))))
             .collect();
+        let mut bad = Vec::new();
         for (aggregate, latest) in &page {
             if handled.contains(aggregate) {
                 continue;
             }
             checked += 1;
-            let bad = match held.get(aggregate) {
-                None => {
-                    missing.push((aggregate.clone(), *latest, "-".to_owned()));
-                    true
-                }
-                Some(None) => {
-                    behind.push((aggregate.clone(), *latest, "no numeric outbox_id".into()));
-                    true
-                }
-                Some(Some(at)) if at < latest => {
-                    behind.push((aggregate.clone(), *latest, at.to_string()));
-                    true
-                }
-                Some(_) => false,
-            };
-            if bad && repair {
-                let n = outbox::requeue_synced(&client, *latest).await?;
-                requeued += n;
-                fixed += n;
+            match held.get(aggregate) {
+                None => missing.add(aggregate, *latest, || "-".into()),
+                Some(None) => behind.add(aggregate, *latest, || "no numeric outbox_id".into()),
+                Some(Some(at)) if at < latest => behind.add(aggregate, *latest, || at.to_string()),
+                Some(_) => continue,
             }
+            bad.push(*latest);
+        }
+        // A page at a time, each followed by a NOTIFY: relays start while it runs.
+        if repair && !bad.is_empty() {
+            let n = outbox::requeue_synced(&client, &bad).await?;
+            if n > 0 {
+                outbox::notify(&client).await?;
+            }
+            requeued += n;
+            fixed += n;
         }
     }
     let ahead_count = match &ahead {
@@ -378,15 +391,14 @@ async fn audit_with(
     };
     println!(
         "audit: {checked} aggregates checked, {} missing, {} behind, {ahead_count}",
-        missing.len(),
-        behind.len()
+        missing.count, behind.count
     );
-    for (kind, list) in [("missing", &missing), ("behind", &behind)] {
-        for (aggregate, latest, at) in list.iter().take(AUDIT_LIST) {
+    for (kind, found) in [("missing", &missing), ("behind", &behind)] {
+        for (aggregate, latest, at) in &found.listed {
             println!("  {kind:<8} {aggregate}  latest synced outbox_id {latest}, document at {at}");
         }
-        if list.len() > AUDIT_LIST {
-            println!("  … and {} more {kind}", list.len() - AUDIT_LIST);
+        if found.count > found.listed.len() {
+            println!("  … and {} more {kind}", found.count - found.listed.len());
         }
     }
     let ahead = match ahead {
@@ -414,7 +426,7 @@ async fn audit_with(
             0
         }
     };
-    let bad = missing.len() + behind.len() + ahead;
+    let bad = missing.count + behind.count + ahead;
     if repair {
         if requeued > 0 {
             outbox::notify(&client).await?;

@@ -545,18 +545,19 @@ pub async fn statuses(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// Requeues a synced row whose document is missing or behind (audit `--repair`).
-pub async fn requeue_synced(client: &impl GenericClient, id: i64) -> Result<u64, Error> {
+/// Requeues synced rows whose documents are missing, behind or ahead (audit
+/// `--repair`). Returns how many were still synced.
+pub async fn requeue_synced(client: &impl GenericClient, ids: &[i64]) -> Result<u64, Error> {
     const SQL: &str = "
         WITH moved AS (
             UPDATE outbox_messages
             SET status = 'pending', attempts = 0, synced_at = NULL, next_attempt_at = now(), updated_at = now()
-            WHERE id = $1 AND status = 'synced'
+            WHERE id = ANY($1) AND status = 'synced'
             RETURNING email_id),
         emails AS (
             UPDATE incoming_emails SET sync_status = 'pending' WHERE id IN (SELECT email_id FROM moved))
         SELECT count(*) FROM moved";
-    let n: i64 = client.query_one(SQL, &[&id]).await?.get(0);
+    let n: i64 = client.query_one(SQL, &[&ids]).await?.get(0);
     Ok(n as u64)
 }
 
