@@ -228,9 +228,10 @@ pub async fn retry(config: &Config, args: &RetryArgs) -> anyhow::Result<u8> {
 const AUDIT_LIST: usize = 20;
 const AUDIT_PAGE: i64 = 1000;
 
-/// `outboxd audit`: pages through aggregates with synced rows and compares each with
-/// its document, after looking for documents ahead of PostgreSQL. Exit 1 when any
-/// is missing, behind or ahead (0 once `--repair` dealt with them all).
+/// `outboxd audit`: looks for documents ahead of PostgreSQL, then pages through
+/// aggregates with synced rows and compares each with its document. Exit 1 when
+/// any is missing, behind or ahead, or the ahead check could not run (0 once
+/// `--repair` dealt with them all).
 pub async fn audit(
     config: &Config,
     since: Option<DateTime<Utc>>,
@@ -246,14 +247,23 @@ pub async fn audit(
 #[derive(Default)]
 struct Found {
     count: usize,
-    listed: Vec<(String, i64, String)>,
+    listed: Vec<String>,
 }
 
 impl Found {
-    fn add(&mut self, aggregate: &str, latest: i64, at: impl FnOnce() -> String) {
+    fn add(&mut self, line: impl FnOnce() -> String) {
         self.count += 1;
         if self.listed.len() < AUDIT_LIST {
-            self.listed.push((aggregate.to_owned(), latest, at()));
+            self.listed.push(line());
+        }
+    }
+
+    fn print(&self, kind: &str) {
+        for line in &self.listed {
+            println!("  {kind:<8} {line}");
+        }
+        if self.count > self.listed.len() {
+            println!("  … and {} more {kind}", self.count - self.listed.len());
         }
     }
 }
@@ -272,23 +282,27 @@ fn mongo_error(e: mongodb::error::Error) -> anyhow::Error {
     anyhow::anyhow!("MongoDB: {}", mongo::redact(&e))
 }
 
-/// Documents at an outbox id PostgreSQL never issued. It lost messages (a
-/// restore from backup, a failover to a lagging standby) and now issues their
-/// ids again, so the version guard takes its new messages for old ones. `None`
-/// when this role may not read the id sequence.
-async fn documents_ahead(
+/// Documents at an outbox id above any PostgreSQL knows. It lost messages (a
+/// restore from backup, a failover to a lagging standby) and issues their ids
+/// again, so the version guard takes its new messages for old ones. Repair
+/// lowers such a document's `outbox_id` to 0 (guarded by the one it held): the
+/// next message of its aggregate, or the latest one requeued by the pass that
+/// follows, then overwrites it. `None` when this role may not read the id
+/// sequence.
+async fn audit_ahead(
     client: &deadpool_postgres::Object,
     collection: &mongodb::Collection<Document>,
-) -> anyhow::Result<Option<(i64, Vec<(String, i64)>)>> {
-    let issued = match outbox::last_issued_id(client).await {
-        Ok(id) => id.unwrap_or(0),
+    repair: bool,
+) -> anyhow::Result<Option<(Found, u64)>> {
+    let known = match outbox::highest_known_id(client).await {
+        Ok(id) => id,
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
             return Ok(None);
         }
         Err(e) => return Err(e.into()),
     };
     let docs: Vec<Document> = collection
-        .find(doc! { "outbox_id": { "$gt": issued } })
+        .find(doc! { "outbox_id": { "$gt": known } })
         .projection(doc! { "outbox_id": 1 })
         .await
         .map_err(mongo_error)?
@@ -296,16 +310,32 @@ async fn documents_ahead(
         .await
         .map_err(mongo_error)?;
     // Read again: a message issued and written meanwhile is not ahead.
-    let issued = outbox::last_issued_id(client).await?.unwrap_or(0);
+    let known = outbox::highest_known_id(client).await?;
     let mut ahead: Vec<(String, i64)> = docs
         .iter()
         .filter_map(|d| {
-            let at = outbox_id_of(d).filter(|at| *at > issued)?;
+            let at = outbox_id_of(d).filter(|at| *at > known)?;
             Some((d.get_str("_id").ok()?.to_owned(), at))
         })
         .collect();
     ahead.sort();
-    Ok(Some((issued, ahead)))
+    let (mut found, mut lowered) = (Found::default(), 0);
+    for (aggregate, at) in &ahead {
+        found.add(|| {
+            format!("{aggregate}  document at outbox_id {at}, past the highest PostgreSQL knows ({known})")
+        });
+        if repair {
+            lowered += collection
+                .update_one(
+                    doc! { "_id": aggregate, "outbox_id": at },
+                    doc! { "$set": { "outbox_id": 0_i64 } },
+                )
+                .await
+                .map_err(mongo_error)?
+                .modified_count;
+        }
+    }
+    Ok(Some((found, lowered)))
 }
 
 async fn audit_with(
@@ -318,28 +348,11 @@ async fn audit_with(
     let collection = sink
         .database()
         .collection::<Document>(sink.collection_name());
+    // First, so that the pass below finds the documents it lowered behind.
+    let ahead = audit_ahead(&client, &collection, repair).await?;
+    let ahead_checked = ahead.is_some();
     let (mut checked, mut missing, mut behind) = (0u64, Found::default(), Found::default());
-    // Bad aggregates put right: a requeued row, or a document ahead deleted.
-    let mut fixed = 0u64;
     let mut requeued = 0u64;
-    let ahead = documents_ahead(&client, &collection).await?;
-    let mut handled = std::collections::HashSet::new();
-    if let (Some((_, ahead)), true) = (&ahead, repair) {
-        for (aggregate, at) in ahead {
-            // PostgreSQL is the truth: the document goes, and its latest synced
-            // message (if it kept one) is written again.
-            let deleted = collection
-                .delete_one(doc! { "_id": aggregate, "outbox_id": at })
-                .await
-                .map_err(mongo_error)?
-                .deleted_count;
-            if let Some(latest) = outbox::latest_synced_of(&client, aggregate).await? {
-                requeued += outbox::requeue_synced(&client, &[latest]).await?;
-            }
-            fixed += deleted;
-            handled.insert(aggregate.clone());
-        }
-    }
     let mut after = String::new();
     loop {
         let page = outbox::latest_synced_page(&client, &after, since, AUDIT_PAGE).await?;
@@ -363,14 +376,14 @@ async fn audit_with(
             .collect();
         let mut bad = Vec::new();
         for (aggregate, latest) in &page {
-            if handled.contains(aggregate) {
-                continue;
-            }
             checked += 1;
+            let line = |at: &dyn std::fmt::Display| {
+                format!("{aggregate}  latest synced outbox_id {latest}, document at {at}")
+            };
             match held.get(aggregate) {
-                None => missing.add(aggregate, *latest, || "-".into()),
-                Some(None) => behind.add(aggregate, *latest, || "no numeric outbox_id".into()),
-                Some(Some(at)) if at < latest => behind.add(aggregate, *latest, || at.to_string()),
+                None => missing.add(|| line(&"-")),
+                Some(None) => behind.add(|| line(&"no numeric outbox_id")),
+                Some(Some(at)) if at < latest => behind.add(|| line(at)),
                 Some(_) => continue,
             }
             bad.push(*latest);
@@ -382,61 +395,54 @@ async fn audit_with(
                 outbox::notify(&client).await?;
             }
             requeued += n;
-            fixed += n;
         }
     }
     let ahead_count = match &ahead {
-        Some((_, list)) => format!("{} ahead", list.len()),
+        Some((found, _)) => format!("{} ahead", found.count),
         None => "ahead not checked".into(),
     };
     println!(
         "audit: {checked} aggregates checked, {} missing, {} behind, {ahead_count}",
         missing.count, behind.count
     );
-    for (kind, found) in [("missing", &missing), ("behind", &behind)] {
-        for (aggregate, latest, at) in &found.listed {
-            println!("  {kind:<8} {aggregate}  latest synced outbox_id {latest}, document at {at}");
-        }
-        if found.count > found.listed.len() {
-            println!("  … and {} more {kind}", found.count - found.listed.len());
-        }
-    }
-    let ahead = match ahead {
-        Some((issued, list)) => {
-            for (aggregate, at) in list.iter().take(AUDIT_LIST) {
-                println!(
-                    "  ahead    {aggregate}  document at outbox_id {at}, past the last id PostgreSQL issued ({issued})"
-                );
-            }
-            if list.len() > AUDIT_LIST {
-                println!("  … and {} more ahead", list.len() - AUDIT_LIST);
-            }
-            if !list.is_empty() && !repair {
+    missing.print("missing");
+    behind.print("behind");
+    let (ahead, lowered) = match &ahead {
+        Some((found, lowered)) => {
+            found.print("ahead");
+            if found.count > 0 && !repair {
                 println!(
                     "  documents ahead hold messages PostgreSQL no longer has (restored from a backup?); \
-                     `outboxd audit --repair` deletes them and requeues each one's latest synced message"
+                     `outboxd audit --repair` lets PostgreSQL's messages overwrite them"
                 );
             }
-            list.len()
+            (found.count, *lowered)
         }
         None => {
             println!(
                 "  ahead: not checked, since this role may not read the outbox id sequence (re-run sql/roles.sql)"
             );
-            0
+            (0, 0)
         }
     };
-    let bad = missing.count + behind.count + ahead;
     if repair {
-        if requeued > 0 {
-            outbox::notify(&client).await?;
-        }
         println!(
             "requeued {requeued} row{}",
             if requeued == 1 { "" } else { "s" }
         );
-        // A row that retention deleted meanwhile could not be requeued.
-        return Ok(if (fixed as usize) < bad { 1 } else { 0 });
+        if ahead > 0 {
+            println!("lowered {lowered} of {ahead} documents ahead to outbox_id 0");
+        }
     }
-    Ok(if bad > 0 { 1 } else { 0 })
+    let fixed = requeued as usize + lowered as usize;
+    let bad = missing.count + behind.count;
+    // Not checked is not clean: right after a restore, this check matters most.
+    Ok(if !ahead_checked {
+        1
+    } else if repair {
+        // A row that retention deleted meanwhile could not be requeued.
+        u8::from(fixed < bad + ahead)
+    } else {
+        u8::from(bad + ahead > 0)
+    })
 }

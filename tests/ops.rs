@@ -272,6 +272,30 @@ async fn audit_finds_missing_and_rolled_back_documents_and_repairs_them() {
     assert!(rewritten);
     assert_eq!(outboxd(&["audit"], &env).0, 0);
     assert_eq!(env.behind().await, vec![]);
+
+    // A DBA restarts the id sequence (its last value then reads as NULL), and
+    // inserts a row with an id of their own: no document is ahead of either.
+    let pg = env.pg().await;
+    pg.batch_execute(
+        "SELECT setval(pg_get_serial_sequence('outbox_messages', 'id'), 5, false);
+         WITH e AS (INSERT INTO incoming_emails (webhook_id, ticket_id, from_address, subject, body)
+                    VALUES ('by-hand', 7, 'a@b', 's', 'b') RETURNING id)
+         INSERT INTO outbox_messages (id, operation, aggregate_id, payload, email_id, idempotency_key)
+         SELECT 777777, 'update_creditor_debt', 'C-5/K',
+                jsonb_build_object('client_reference', 'C-5', 'creditor_name', 'Bank',
+                                   'creditor_reference', 'K', 'amount', '7.77', 'currency', 'EUR'),
+                id, 'by-hand' FROM e",
+    )
+    .await
+    .unwrap();
+    assert!(env.wait_synced(Duration::from_secs(20)).await);
+    assert_eq!(
+        env.doc("C-5/K").await.unwrap().get_i64("outbox_id"),
+        Ok(777777)
+    );
+    let (code, out) = outboxd(&["audit"], &env);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("0 behind, 0 ahead"), "{out}");
 }
 
 async fn login_role(env: &TestEnv, group: &str) -> (String, String) {
