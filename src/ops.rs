@@ -282,27 +282,45 @@ fn mongo_error(e: mongodb::error::Error) -> anyhow::Error {
     anyhow::anyhow!("MongoDB: {}", mongo::redact(&e))
 }
 
+/// What the look for documents ahead of PostgreSQL found.
+#[derive(Default)]
+struct Ahead {
+    found: Found,
+    /// Lowered to 0 by `--repair`.
+    lowered: u64,
+    /// Their aggregates, requeued already: the page pass leaves them be.
+    handled: std::collections::HashSet<String>,
+    requeued: u64,
+    /// The sequence's last value, when below the table's highest id.
+    sequence_behind: Option<(i64, i64)>,
+}
+
 /// Documents at an outbox id above any PostgreSQL knows. It lost messages (a
 /// restore from backup, a failover to a lagging standby) and issues their ids
 /// again, so the version guard takes its new messages for old ones. Repair
-/// lowers such a document's `outbox_id` to 0 (guarded by the one it held): the
-/// next message of its aggregate, or the latest one requeued by the pass that
-/// follows, then overwrites it. `None` when this role may not read the id
-/// sequence.
+/// lowers such a document's `outbox_id` to 0 (guarded by the one it held) and
+/// requeues its aggregate's latest synced message, which then overwrites it.
+/// A sequence behind the table's own ids does the same harm; it is reported,
+/// for the DBA to set. `None` when this role may not read the sequence.
 async fn audit_ahead(
     client: &deadpool_postgres::Object,
     collection: &mongodb::Collection<Document>,
     repair: bool,
-) -> anyhow::Result<Option<(Found, u64)>> {
-    let known = match outbox::highest_known_id(client).await {
-        Ok(id) => id,
+) -> anyhow::Result<Option<Ahead>> {
+    let known = |marks: (Option<i64>, i64)| -> anyhow::Result<(i64, i64)> {
+        let (issued, max_id) = marks;
+        let issued = issued.context("outbox_messages.id has no sequence")?;
+        Ok((issued, max_id))
+    };
+    let (issued, max_id) = match outbox::id_marks(client).await {
+        Ok(marks) => known(marks)?,
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
             return Ok(None);
         }
         Err(e) => return Err(e.into()),
     };
     let docs: Vec<Document> = collection
-        .find(doc! { "outbox_id": { "$gt": known } })
+        .find(doc! { "outbox_id": { "$gt": issued.max(max_id) } })
         .projection(doc! { "outbox_id": 1 })
         .await
         .map_err(mongo_error)?
@@ -310,32 +328,42 @@ async fn audit_ahead(
         .await
         .map_err(mongo_error)?;
     // Read again: a message issued and written meanwhile is not ahead.
-    let known = outbox::highest_known_id(client).await?;
+    let (issued, max_id) = known(outbox::id_marks(client).await?)?;
+    let highest = issued.max(max_id);
     let mut ahead: Vec<(String, i64)> = docs
         .iter()
         .filter_map(|d| {
-            let at = outbox_id_of(d).filter(|at| *at > known)?;
+            let at = outbox_id_of(d).filter(|at| *at > highest)?;
             Some((d.get_str("_id").ok()?.to_owned(), at))
         })
         .collect();
     ahead.sort();
-    let (mut found, mut lowered) = (Found::default(), 0);
+    let mut result = Ahead {
+        sequence_behind: (max_id > issued).then_some((issued, max_id)),
+        ..Ahead::default()
+    };
     for (aggregate, at) in &ahead {
-        found.add(|| {
-            format!("{aggregate}  document at outbox_id {at}, past the highest PostgreSQL knows ({known})")
+        result.found.add(|| {
+            format!("{aggregate}  document at outbox_id {at}, past the highest PostgreSQL knows ({highest})")
         });
-        if repair {
-            lowered += collection
-                .update_one(
-                    doc! { "_id": aggregate, "outbox_id": at },
-                    doc! { "$set": { "outbox_id": 0_i64 } },
-                )
-                .await
-                .map_err(mongo_error)?
-                .modified_count;
+        if !repair {
+            continue;
         }
+        result.lowered += collection
+            .update_one(
+                doc! { "_id": aggregate, "outbox_id": at },
+                doc! { "$set": { "outbox_id": 0_i64 } },
+            )
+            .await
+            .map_err(mongo_error)?
+            .modified_count;
+        // Whatever `--since` says: nothing else would rewrite it.
+        if let Some(latest) = outbox::latest_synced_of(client, aggregate).await? {
+            result.requeued += outbox::requeue_synced(client, &[latest]).await?;
+        }
+        result.handled.insert(aggregate.clone());
     }
-    Ok(Some((found, lowered)))
+    Ok(Some(result))
 }
 
 async fn audit_with(
@@ -348,11 +376,11 @@ async fn audit_with(
     let collection = sink
         .database()
         .collection::<Document>(sink.collection_name());
-    // First, so that the pass below finds the documents it lowered behind.
     let ahead = audit_ahead(&client, &collection, repair).await?;
-    let ahead_checked = ahead.is_some();
+    let handled = ahead.as_ref().map(|a| &a.handled);
     let (mut checked, mut missing, mut behind) = (0u64, Found::default(), Found::default());
-    let mut requeued = 0u64;
+    let mut requeued = ahead.as_ref().map_or(0, |a| a.requeued);
+    let mut fixed = 0u64;
     let mut after = String::new();
     loop {
         let page = outbox::latest_synced_page(&client, &after, since, AUDIT_PAGE).await?;
@@ -376,6 +404,9 @@ async fn audit_with(
             .collect();
         let mut bad = Vec::new();
         for (aggregate, latest) in &page {
+            if handled.is_some_and(|h| h.contains(aggregate)) {
+                continue;
+            }
             checked += 1;
             let line = |at: &dyn std::fmt::Display| {
                 format!("{aggregate}  latest synced outbox_id {latest}, document at {at}")
@@ -395,10 +426,11 @@ async fn audit_with(
                 outbox::notify(&client).await?;
             }
             requeued += n;
+            fixed += n;
         }
     }
     let ahead_count = match &ahead {
-        Some((found, _)) => format!("{} ahead", found.count),
+        Some(a) => format!("{} ahead", a.found.count),
         None => "ahead not checked".into(),
     };
     println!(
@@ -407,42 +439,45 @@ async fn audit_with(
     );
     missing.print("missing");
     behind.print("behind");
-    let (ahead, lowered) = match &ahead {
-        Some((found, lowered)) => {
-            found.print("ahead");
-            if found.count > 0 && !repair {
-                println!(
-                    "  documents ahead hold messages PostgreSQL no longer has (restored from a backup?); \
-                     `outboxd audit --repair` lets PostgreSQL's messages overwrite them"
-                );
-            }
-            (found.count, *lowered)
-        }
-        None => {
-            println!(
-                "  ahead: not checked, since this role may not read the outbox id sequence (re-run sql/roles.sql)"
-            );
-            (0, 0)
-        }
+    let Some(ahead) = ahead else {
+        println!(
+            "  ahead: not checked, since this role may not read the outbox id sequence (re-run sql/roles.sql)"
+        );
+        // Not checked is not clean: right after a restore, this check matters most.
+        return Ok(1);
     };
+    ahead.found.print("ahead");
+    if ahead.found.count > 0 && !repair {
+        println!(
+            "  documents ahead hold messages PostgreSQL no longer has (restored from a backup?); \
+             `outboxd audit --repair` lets PostgreSQL's messages overwrite them"
+        );
+    }
+    if let Some((issued, max_id)) = ahead.sequence_behind {
+        println!(
+            "  sequence behind the table: the outbox id sequence is at {issued} but a row has id {max_id}, \
+             so new messages would take ids that documents already hold; as the tables' owner: \
+             SELECT setval(pg_get_serial_sequence('outbox_messages', 'id'), {max_id});"
+        );
+    }
     if repair {
+        if requeued > 0 {
+            outbox::notify(&client).await?;
+        }
         println!(
             "requeued {requeued} row{}",
             if requeued == 1 { "" } else { "s" }
         );
-        if ahead > 0 {
-            println!("lowered {lowered} of {ahead} documents ahead to outbox_id 0");
+        if ahead.found.count > 0 {
+            println!(
+                "lowered {} of {} documents ahead to outbox_id 0",
+                ahead.lowered, ahead.found.count
+            );
         }
     }
-    let fixed = requeued as usize + lowered as usize;
-    let bad = missing.count + behind.count;
-    // Not checked is not clean: right after a restore, this check matters most.
-    Ok(if !ahead_checked {
-        1
-    } else if repair {
-        // A row that retention deleted meanwhile could not be requeued.
-        u8::from(fixed < bad + ahead)
-    } else {
-        u8::from(bad + ahead > 0)
-    })
+    let bad = missing.count + behind.count + ahead.found.count;
+    let fixed = fixed as usize + ahead.lowered as usize;
+    let clean = if repair { fixed >= bad } else { bad == 0 };
+    // A row that retention deleted meanwhile could not be requeued.
+    Ok(u8::from(!clean || ahead.sequence_behind.is_some()))
 }

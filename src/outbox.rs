@@ -561,26 +561,40 @@ pub async fn requeue_synced(client: &impl GenericClient, ids: &[i64]) -> Result<
     Ok(n as u64)
 }
 
-/// The highest outbox id PostgreSQL has issued or holds: no message it knows
-/// has a higher one. Read from the sequence itself, since its last value
-/// reads as NULL after a restart (`is_called` false), and with the table's
-/// highest id, since a DBA may insert rows with ids of their own.
-pub async fn highest_known_id(client: &impl GenericClient) -> Result<i64, Error> {
-    let sequence: String = client
+/// The last outbox id the sequence issued (`None` when `id` has no sequence),
+/// and the table's highest id (0 when empty). The sequence is read directly:
+/// `pg_sequence_last_value` reads as NULL once it was restarted.
+pub async fn id_marks(client: &impl GenericClient) -> Result<(Option<i64>, i64), Error> {
+    let max_id: i64 = client
+        .query_one("SELECT coalesce(max(id), 0) FROM outbox_messages", &[])
+        .await?
+        .get(0);
+    let sequence: Option<String> = client
         .query_one(
             "SELECT pg_get_serial_sequence('outbox_messages', 'id')",
             &[],
         )
         .await?
         .get(0);
+    let Some(sequence) = sequence else {
+        return Ok((None, max_id));
+    };
     // The name comes quoted from the catalog.
     let sql = format!(
-        "SELECT greatest(
-             (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {sequence}),
-             (SELECT max(id) FROM outbox_messages),
-             0)"
+        "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {sequence}"
     );
-    Ok(client.query_one(&sql, &[]).await?.get(0))
+    let issued: i64 = client.query_one(&sql, &[]).await?.get(0);
+    Ok((Some(issued), max_id))
+}
+
+/// The id of an aggregate's latest synced message, if one is retained.
+pub async fn latest_synced_of(
+    client: &impl GenericClient,
+    aggregate_id: &str,
+) -> Result<Option<i64>, Error> {
+    const SQL: &str =
+        "SELECT max(id) FROM outbox_messages WHERE aggregate_id = $1 AND status = 'synced'";
+    Ok(client.query_one(SQL, &[&aggregate_id]).await?.get(0))
 }
 
 /// One page of aggregates with their latest synced message, after `after`, for audit.
