@@ -16,7 +16,9 @@ use crate::{db, mongo, outbox};
 
 /// One connection. `bulk` commands run without a statement timeout, neither
 /// `database.statement_timeout_ms` nor the role's or database's own: requeueing
-/// after a long outage, or auditing a week of rows, may outlast it.
+/// after a long outage, or auditing a week of rows, may outlast it. They wait
+/// for a row lock at most `BULK_LOCK_WAIT`: relays hold theirs for moments, so
+/// a longer wait is someone's open transaction.
 async fn client(config: &Config, bulk: bool) -> anyhow::Result<deadpool_postgres::Object> {
     let mut database = config.database.clone();
     database.pool_size = 1;
@@ -28,9 +30,32 @@ async fn client(config: &Config, bulk: bool) -> anyhow::Result<deadpool_postgres
         .await
         .context("PostgreSQL unreachable")?;
     if bulk {
-        client.batch_execute("SET statement_timeout = 0").await?;
+        client
+            .batch_execute(&format!(
+                "SET statement_timeout = 0; SET lock_timeout = '{BULK_LOCK_WAIT}s'"
+            ))
+            .await?;
     }
     Ok(client)
+}
+
+const BULK_LOCK_WAIT: u32 = 10;
+
+/// Names the likely cause when a bulk command gave up waiting for a row lock.
+fn lock_wait_hint(err: anyhow::Error) -> anyhow::Error {
+    let locked = err
+        .downcast_ref::<tokio_postgres::Error>()
+        .and_then(|e| e.code())
+        .is_some_and(|c| *c == tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE);
+    if locked {
+        anyhow::anyhow!(
+            "gave up after {BULK_LOCK_WAIT} s waiting for a lock on outbox rows: another \
+             transaction holds them (an open psql session?); end it, then run this again \
+             (what was done so far is kept)"
+        )
+    } else {
+        err
+    }
 }
 
 /// The status snapshot; its JSON shape is documented in the README and kept stable.
@@ -177,6 +202,10 @@ const RETRY_BATCH: i64 = 1000;
 /// `outboxd retry`: requeues failed rows and says how many. With `--id`, names
 /// each id it left alone, and exits 1 if any.
 pub async fn retry(config: &Config, args: &RetryArgs) -> anyhow::Result<u8> {
+    retry_with(config, args).await.map_err(lock_wait_hint)
+}
+
+async fn retry_with(config: &Config, args: &RetryArgs) -> anyhow::Result<u8> {
     let client = client(config, true).await?;
     let ids = (!args.id.is_empty()).then_some(args.id.as_slice());
     // Ids are kept only to name those of `--id` left alone.
@@ -240,7 +269,7 @@ pub async fn audit(
     let sink = mongo::connect(&config.mongodb).await?;
     let result = audit_with(config, &sink, since, repair).await;
     sink.shutdown().await;
-    result
+    result.map_err(lock_wait_hint)
 }
 
 /// Bad documents of one kind: counted, and the first few kept to list.

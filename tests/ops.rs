@@ -186,6 +186,29 @@ async fn retry_requeues_a_large_failed_set_in_batches() {
 }
 
 #[tokio::test]
+async fn retry_gives_up_on_rows_locked_by_an_open_transaction() {
+    let env = TestEnv::new().await;
+    env.seed(2, 2).await;
+    let pg = env.pg().await;
+    pg.batch_execute(
+        "UPDATE outbox_messages SET status = 'failed', attempts = 10, last_error = 'x';
+         UPDATE incoming_emails SET sync_status = 'failed';",
+    )
+    .await
+    .unwrap();
+    // A DBA's session, mid-fix of a payload, not yet committed.
+    pg.batch_execute("BEGIN; UPDATE outbox_messages SET payload = payload WHERE id = 1")
+        .await
+        .unwrap();
+    let (code, out) = outboxd(&["retry", "--all-failed"], &env);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("waiting for a lock on outbox rows"), "{out}");
+    pg.batch_execute("COMMIT").await.unwrap();
+    let (code, out) = outboxd(&["retry", "--all-failed"], &env);
+    assert_eq!((code, out.trim()), (0, "requeued 2 failed rows"));
+}
+
+#[tokio::test]
 async fn audit_finds_missing_and_rolled_back_documents_and_repairs_them() {
     let env = TestEnv::new().await;
     env.seed(30, 10).await;
