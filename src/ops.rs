@@ -311,6 +311,21 @@ fn mongo_error(e: mongodb::error::Error) -> anyhow::Error {
     anyhow::anyhow!("MongoDB: {}", mongo::redact(&e))
 }
 
+/// The documents matching `filter`, with only their `_id` and `outbox_id`.
+async fn outbox_ids(
+    collection: &mongodb::Collection<Document>,
+    filter: Document,
+) -> anyhow::Result<Vec<Document>> {
+    collection
+        .find(filter)
+        .projection(doc! { "outbox_id": 1 })
+        .await
+        .map_err(mongo_error)?
+        .try_collect()
+        .await
+        .map_err(mongo_error)
+}
+
 /// What the look for documents ahead of PostgreSQL found.
 #[derive(Default)]
 struct Ahead {
@@ -348,14 +363,11 @@ async fn audit_ahead(
         }
         Err(e) => return Err(e.into()),
     };
-    let docs: Vec<Document> = collection
-        .find(doc! { "outbox_id": { "$gt": issued.max(max_id) } })
-        .projection(doc! { "outbox_id": 1 })
-        .await
-        .map_err(mongo_error)?
-        .try_collect()
-        .await
-        .map_err(mongo_error)?;
+    let docs = outbox_ids(
+        collection,
+        doc! { "outbox_id": { "$gt": issued.max(max_id) } },
+    )
+    .await?;
     // Read again: a message issued and written meanwhile is not ahead.
     let (issued, max_id) = known(outbox::id_marks(client).await?)?;
     let highest = issued.max(max_id);
@@ -419,14 +431,7 @@ async fn audit_with(
             .iter()
             .map(|(agg, _)| Bson::String(agg.clone()))
             .collect();
-        let docs: Vec<Document> = collection
-            .find(doc! { "_id": { "$in": ids } })
-            .projection(doc! { "outbox_id": 1 })
-            .await
-            .map_err(mongo_error)?
-            .try_collect()
-            .await
-            .map_err(mongo_error)?;
+        let docs = outbox_ids(&collection, doc! { "_id": { "$in": ids } }).await?;
         let held: HashMap<String, Option<i64>> = docs
             .iter()
             .filter_map(|d| Some((d.get_str("_id").ok()?.to_owned(), outbox_id_of(d))))
