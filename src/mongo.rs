@@ -220,10 +220,7 @@ impl Sink {
         }
         // Sized once coalesced: a document too large for MongoDB fails its
         // aggregate's rows here, alone, instead of the command it would join.
-        let written: HashMap<String, i64> = newest
-            .values()
-            .map(|w| (w.aggregate_id.clone(), w.id))
-            .collect();
+        let written: HashMap<&str, i64> = newest.iter().map(|(a, w)| (*a, w.id)).collect();
         let mut too_large = Vec::new();
         let mut writes = Vec::with_capacity(newest.len());
         let mut buffer = Vec::new();
@@ -274,7 +271,7 @@ impl Sink {
             // Older messages of an aggregate share the newest one's outcome, but
             // not its rejection, which is that message's own fault.
             let outcome = match by_aggregate.get(row.aggregate_id.as_str()) {
-                Some(Outcome::Permanent(_)) if written[&row.aggregate_id] != row.id => {
+                Some(Outcome::Permanent(_)) if written[row.aggregate_id.as_str()] != row.id => {
                     Outcome::Untried
                 }
                 Some(outcome) => outcome.clone(),
