@@ -258,8 +258,8 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
         None => marked,
         Some(locked_until) => {
             let held = Batch {
-                rows: batch.rows.clone(),
                 locked_until,
+                ..batch
             };
             marked.and(await_unanswered(shared, &client, &held, unanswered).await)
         }
