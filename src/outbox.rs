@@ -565,17 +565,11 @@ pub async fn requeue_synced(client: &impl GenericClient, ids: &[i64]) -> Result<
 /// and the table's highest id (0 when empty). The sequence is read directly:
 /// `pg_sequence_last_value` reads as NULL once it was restarted.
 pub async fn id_marks(client: &impl GenericClient) -> Result<(Option<i64>, i64), Error> {
-    let max_id: i64 = client
-        .query_one("SELECT coalesce(max(id), 0) FROM outbox_messages", &[])
-        .await?
-        .get(0);
-    let sequence: Option<String> = client
-        .query_one(
-            "SELECT pg_get_serial_sequence('outbox_messages', 'id')",
-            &[],
-        )
-        .await?
-        .get(0);
+    const SQL: &str = "
+        SELECT coalesce(max(id), 0), pg_get_serial_sequence('outbox_messages', 'id')
+        FROM outbox_messages";
+    let row = client.query_one(SQL, &[]).await?;
+    let (max_id, sequence): (i64, Option<String>) = (row.get(0), row.get(1));
     let Some(sequence) = sequence else {
         return Ok((None, max_id));
     };
