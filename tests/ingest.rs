@@ -544,14 +544,7 @@ async fn probes_and_metrics_answer() {
             .as_u16(),
         405
     );
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&http, &format!("{base}/metrics")).await;
     for needle in [
         "outboxd_http_requests_total",
         "outboxd_http_request_duration_seconds_bucket",

@@ -812,14 +812,7 @@ async fn metrics_endpoint_serves_relay_metrics() {
     // The counters move just after the marks commit, which the test sees first.
     let deadline = Instant::now() + Duration::from_secs(10);
     let text = loop {
-        let text = http
-            .get(format!("http://127.0.0.1:{port}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = get_text(&http, &format!("http://127.0.0.1:{port}/metrics")).await;
         if needles.iter().all(|n| text.contains(n)) || Instant::now() > deadline {
             break text;
         }

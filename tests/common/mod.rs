@@ -262,6 +262,11 @@ pub fn now_stamp() -> String {
     chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
+/// The body of a GET, as text (a `/metrics` page, say).
+pub async fn get_text(http: &reqwest::Client, url: &str) -> String {
+    http.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 /// Posts a body signed with the test secret.
 pub async fn post_signed(http: &reqwest::Client, url: &str, body: &str) -> (u16, Value) {
     try_post_signed(http, url, body)
