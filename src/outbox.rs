@@ -178,33 +178,29 @@ pub struct Batch {
     pub locked_until: DateTime<Utc>,
 }
 
-/// Claims up to `limit` due pending rows in id order, skipping rows other relays hold.
-/// The inner SELECT walks `outbox_messages_claim_idx` from the oldest pending row,
-/// so its cost grows with the rows it passes over (backing off, or of a busy
-/// aggregate), not with the backlog behind them.
-///
-/// No two relays write one document at once, because FerretDB's guarded updates
-/// are not atomic under concurrency. So a claim skips aggregates with a row in
-/// flight (its lease outlives a holder whose session died mid-write), and takes a
-/// session-level advisory lock per aggregate, which closes the race between two
-/// concurrent claims. The caller releases the locks with `unlock_aggregates` once
-/// its writes are done; a relay that dies frees them with its session.
-pub async fn claim(
-    client: &impl GenericClient,
-    relay_id: &str,
-    limit: i64,
-    lease_s: f64,
-) -> Result<Batch, Error> {
-    const SQL: &str = "
-        WITH due AS (
-            SELECT id FROM outbox_messages
-            WHERE status = 'pending' AND next_attempt_at <= now()
+/// `claim`'s statement: $1 relay id, $2 limit, $3 lease in seconds, $4 the
+/// aggregate lock class. Public for the test that reads its plan.
+pub const CLAIM: &str = "
+        WITH fresh AS (
+            SELECT id, aggregate_id FROM outbox_messages
+            WHERE status = 'pending' AND attempts = 0 AND next_attempt_at <= now()
               AND NOT EXISTS (SELECT 1 FROM outbox_messages busy
                               WHERE busy.aggregate_id = outbox_messages.aggregate_id
                                 AND busy.status = 'processing')
-              AND pg_try_advisory_lock($4, hashtext(aggregate_id))
             ORDER BY id LIMIT $2
-            FOR UPDATE SKIP LOCKED)
+            FOR UPDATE SKIP LOCKED),
+        retry AS (
+            SELECT id, aggregate_id FROM outbox_messages
+            WHERE status = 'pending' AND attempts > 0 AND next_attempt_at <= now()
+              AND NOT EXISTS (SELECT 1 FROM outbox_messages busy
+                              WHERE busy.aggregate_id = outbox_messages.aggregate_id
+                                AND busy.status = 'processing')
+            ORDER BY next_attempt_at, id LIMIT $2
+            FOR UPDATE SKIP LOCKED),
+        due AS (
+            SELECT id FROM (SELECT * FROM fresh UNION ALL SELECT * FROM retry
+                            ORDER BY id LIMIT $2) lowest
+            WHERE pg_try_advisory_lock($4, hashtext(aggregate_id)))
         UPDATE outbox_messages o
         SET status = 'processing', locked_by = $1, locked_until = now() + $3 * interval '1 second',
             updated_at = now()
@@ -212,7 +208,29 @@ pub async fn claim(
         WHERE o.id = due.id AND e.id = o.email_id
         RETURNING o.id, o.operation, o.aggregate_id, o.payload, o.email_id, o.idempotency_key,
                   o.attempts, o.created_at, e.ticket_id, e.webhook_id, o.locked_until";
-    let stmt = client.prepare_cached(SQL).await?;
+
+/// Claims up to `limit` due pending rows, skipping rows other relays hold: the
+/// lowest ids among the first due rows never tried (`outbox_messages_fresh_idx`,
+/// in id order) and the first due retries (`outbox_messages_retry_idx`, in the
+/// order they came due). Rows backing off sit in neither index's due range, so a
+/// claim never reads past them; its cost grows only with the rows it skips
+/// because their aggregate is busy, and never with the backlog. Each side locks
+/// up to `limit` rows; the statement's end frees those cut.
+///
+/// No two relays write one document at once, because FerretDB's guarded updates
+/// are not atomic under concurrency. So a claim skips aggregates with a row in
+/// flight (its lease outlives a holder whose session died mid-write), and takes a
+/// session-level advisory lock per aggregate it keeps, leaving out a row whose
+/// aggregate another claim locked: that closes the race between two concurrent
+/// claims. The caller releases the locks with `unlock_aggregates` once
+/// its writes are done; a relay that dies frees them with its session.
+pub async fn claim(
+    client: &impl GenericClient,
+    relay_id: &str,
+    limit: i64,
+    lease_s: f64,
+) -> Result<Batch, Error> {
+    let stmt = client.prepare_cached(CLAIM).await?;
     let rows = client
         .query(&stmt, &[&relay_id, &limit, &lease_s, &AGGREGATE_LOCK_CLASS])
         .await?;
@@ -321,7 +339,7 @@ pub async fn mark_attempt_failed(
 }
 
 /// Advisory-lock class for "this session writes this aggregate to MongoDB now".
-const AGGREGATE_LOCK_CLASS: i32 = 0x6f62; // "ob"
+pub const AGGREGATE_LOCK_CLASS: i32 = 0x6f62; // "ob"
 
 /// Releases every aggregate lock this session holds (see `claim`).
 pub async fn unlock_aggregates(client: &impl GenericClient) -> Result<(), Error> {

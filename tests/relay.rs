@@ -207,6 +207,102 @@ async fn in_process(
 }
 
 #[tokio::test]
+async fn a_claim_takes_due_retries_and_new_rows_without_reading_past_rows_backing_off() {
+    let env = TestEnv::new().await;
+    let pg = env.pg().await;
+    // After a MongoDB outage: 3000 rows backing off, two of them due again...
+    let old = env.seed(3000, 3000).await;
+    pg.execute(
+        "UPDATE outbox_messages SET attempts = 2, next_attempt_at = now() + interval '1 hour'",
+        &[],
+    )
+    .await
+    .unwrap();
+    let due_again = [old[10], old[2000]];
+    pg.execute(
+        "UPDATE outbox_messages SET next_attempt_at = now() - interval '1 second' WHERE id = ANY($1)",
+        &[&&due_again[..]],
+    )
+    .await
+    .unwrap();
+    // ...then 2000 new rows, the first of which a DBA postponed.
+    let new = env.seed(2000, 2000).await;
+    pg.execute(
+        "UPDATE outbox_messages SET aggregate_id = 'new-' || id WHERE id = ANY($1)",
+        &[&new],
+    )
+    .await
+    .unwrap();
+    pg.execute(
+        "UPDATE outbox_messages SET next_attempt_at = now() + interval '1 hour' WHERE id = $1",
+        &[&new[0]],
+    )
+    .await
+    .unwrap();
+    pg.batch_execute("ANALYZE outbox_messages").await.unwrap();
+
+    // The claim's plan passes over no row backing off.
+    let mut client = env.pg().await;
+    let tx = client.transaction().await.unwrap();
+    let plan: Vec<String> = tx
+        .query(
+            &format!("EXPLAIN (ANALYZE, COSTS OFF) {}", outboxd::outbox::CLAIM),
+            &[
+                &"plan-probe",
+                &4i64,
+                &30f64,
+                &outboxd::outbox::AGGREGATE_LOCK_CLASS,
+            ],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    tx.rollback().await.unwrap();
+    // The probe took its aggregates' locks for its session, as a claim does.
+    client
+        .batch_execute("SELECT pg_advisory_unlock_all()")
+        .await
+        .unwrap();
+    let passed: u64 = plan
+        .iter()
+        .filter_map(|l| l.trim().strip_prefix("Rows Removed by Filter: "))
+        .map(|n| n.parse::<u64>().unwrap())
+        .sum();
+    assert!(
+        passed <= 10,
+        "the claim read past {passed} rows:\n{}",
+        plan.join("\n")
+    );
+
+    // Lowest ids first: the two retries, then the oldest new rows.
+    let mut config = env.config();
+    config.relay.batch_size = 4;
+    let shared = in_process(&config, "claim-relay").await;
+    let synced = "SELECT id FROM outbox_messages WHERE status = 'synced' ORDER BY id";
+    let ids = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get(0)).collect::<Vec<i64>>();
+    for _ in 0..2 {
+        let progress = outboxd::relay::worker::run_batch(&shared).await.unwrap();
+        assert_eq!(progress.map(|p| p.rows()), Some(4));
+    }
+    assert_eq!(
+        ids(pg.query(synced, &[]).await.unwrap()),
+        [&due_again[..], &new[1..7]].concat()
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox_messages WHERE status = 'pending' AND attempts = 2")
+            .await,
+        2998,
+        "the rows backing off wait for their time"
+    );
+    assert!(
+        env.doc(&format!("new-{}", new[0])).await.is_none(),
+        "the postponed row waits"
+    );
+}
+
+#[tokio::test]
 async fn rows_too_late_for_their_lease_go_back_unwritten_and_uncounted() {
     let env = TestEnv::new().await;
     env.seed(3, 3).await;
