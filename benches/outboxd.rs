@@ -1469,8 +1469,9 @@ async fn phase_claim_memory(
     setting: Setting,
 ) -> anyhow::Result<()> {
     // One database, topped up in steps: claims timed at the large claim backlog
-    // (against a second database holding the small one), and a relay's peak RSS
-    // taken while it drains for a fixed time from the two RSS backlogs.
+    // (against a second database holding the small one, and a third holding it
+    // behind rows backing off), and a relay's peak RSS taken while it drains
+    // for a fixed time from the two RSS backlogs.
     let mut steps: Vec<i64> = [plan.claim_large, plan.rss_small, plan.rss_large]
         .into_iter()
         .filter(|&n| n > 0)
@@ -1496,7 +1497,7 @@ async fn phase_claim_memory(
             );
             if size == plan.claim_large {
                 // The same claim behind as many rows backing off, as after a
-                // MongoDB outage: it must not read past them.
+                // spell of failed writes: it must not read past them.
                 let backoff_db = ctx.fresh_db("claim_backoff").await?;
                 let timed = async {
                     let client = ctx.pg(&backoff_db).await?;

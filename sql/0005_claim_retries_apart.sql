@@ -1,9 +1,10 @@
 -- outboxd schema, version 5: a claim no longer reads past rows that are backing off.
 --
 -- The claim walked outbox_messages_claim_idx (every pending row, in id order)
--- and skipped the rows not yet due. After a MongoDB outage, when every pending
--- row had failed once and was backing off, each claim read all of them: 48 ms
--- per claim behind 200k such rows, growing with them. Never-tried rows
+-- and skipped the rows not yet due. After a spell of failed writes (MongoDB
+-- answering pings but refusing writes), when many pending rows were backing
+-- off, each claim read all of them: 48 ms per claim behind 200k such rows,
+-- growing with them. Never-tried rows
 -- (attempts = 0, due at once) and retries (attempts > 0, due at next_attempt_at)
 -- now have an index each, so a claim reads the first due rows of each and
 -- takes the lowest ids of the two. outbox_messages_claim_idx stays: the DBA

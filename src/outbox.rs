@@ -182,25 +182,26 @@ pub struct Batch {
 /// aggregate lock class. Public for the test that reads its plan.
 pub const CLAIM: &str = "
         WITH fresh AS (
-            SELECT id, aggregate_id FROM outbox_messages
+            SELECT id FROM outbox_messages
             WHERE status = 'pending' AND attempts = 0 AND next_attempt_at <= now()
               AND NOT EXISTS (SELECT 1 FROM outbox_messages busy
                               WHERE busy.aggregate_id = outbox_messages.aggregate_id
                                 AND busy.status = 'processing')
+              AND pg_try_advisory_lock($4, hashtext(aggregate_id))
             ORDER BY id LIMIT $2
             FOR UPDATE SKIP LOCKED),
         retry AS (
-            SELECT id, aggregate_id FROM outbox_messages
+            SELECT id FROM outbox_messages
             WHERE status = 'pending' AND attempts > 0 AND next_attempt_at <= now()
               AND NOT EXISTS (SELECT 1 FROM outbox_messages busy
                               WHERE busy.aggregate_id = outbox_messages.aggregate_id
                                 AND busy.status = 'processing')
+              AND pg_try_advisory_lock($4, hashtext(aggregate_id))
             ORDER BY next_attempt_at, id LIMIT $2
             FOR UPDATE SKIP LOCKED),
         due AS (
-            SELECT id FROM (SELECT * FROM fresh UNION ALL SELECT * FROM retry
-                            ORDER BY id LIMIT $2) lowest
-            WHERE pg_try_advisory_lock($4, hashtext(aggregate_id)))
+            SELECT id FROM fresh UNION ALL SELECT id FROM retry
+            ORDER BY id LIMIT $2)
         UPDATE outbox_messages o
         SET status = 'processing', locked_by = $1, locked_until = now() + $3 * interval '1 second',
             updated_at = now()
@@ -212,18 +213,20 @@ pub const CLAIM: &str = "
 /// Claims up to `limit` due pending rows, skipping rows other relays hold: the
 /// lowest ids among the first due rows never tried (`outbox_messages_fresh_idx`,
 /// in id order) and the first due retries (`outbox_messages_retry_idx`, in the
-/// order they came due). Rows backing off sit in neither index's due range, so a
-/// claim never reads past them; its cost grows only with the rows it skips
-/// because their aggregate is busy, and never with the backlog. Each side locks
-/// up to `limit` rows; the statement's end frees those cut.
+/// order they came due). A retry backing off sits outside its index's due range,
+/// so a claim never reads past one; its cost grows with the rows it skips because
+/// their aggregate is busy (or a DBA postponed them), never with the backlog.
 ///
 /// No two relays write one document at once, because FerretDB's guarded updates
 /// are not atomic under concurrency. So a claim skips aggregates with a row in
 /// flight (its lease outlives a holder whose session died mid-write), and takes a
-/// session-level advisory lock per aggregate it keeps, leaving out a row whose
-/// aggregate another claim locked: that closes the race between two concurrent
-/// claims. The caller releases the locks with `unlock_aggregates` once
-/// its writes are done; a relay that dies frees them with its session.
+/// session-level advisory lock per aggregate as it reads, skipping on past one
+/// another session holds: that closes the race between two concurrent claims,
+/// and a frozen relay's locks hold back only its own aggregates. Each side reads
+/// and locks up to `limit` rows; the rows cut free at the transaction's end, but
+/// their aggregates stay locked with the rest. The caller releases the locks with
+/// `unlock_aggregates` once its writes are done; a relay that dies frees them
+/// with its session.
 pub async fn claim(
     client: &impl GenericClient,
     relay_id: &str,

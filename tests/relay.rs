@@ -241,51 +241,72 @@ async fn a_claim_takes_due_retries_and_new_rows_without_reading_past_rows_backin
     .unwrap();
     pg.batch_execute("ANALYZE outbox_messages").await.unwrap();
 
-    // The claim's plan passes over no row backing off.
-    let mut client = env.pg().await;
-    let tx = client.transaction().await.unwrap();
-    let plan: Vec<String> = tx
-        .query(
-            &format!("EXPLAIN (ANALYZE, COSTS OFF) {}", outboxd::outbox::CLAIM),
-            &[
-                &"plan-probe",
-                &4i64,
-                &30f64,
-                &outboxd::outbox::AGGREGATE_LOCK_CLASS,
-            ],
-        )
+    // The claim's plan passes over no row backing off, as a custom plan and as
+    // the generic one a relay's prepared statement may settle on.
+    let client = env.pg().await;
+    let probe = format!(
+        "BEGIN;
+         PREPARE claim_probe(text, int8, float8, int4) AS {claim};
+         SET LOCAL plan_cache_mode = force_custom_plan;
+         EXPLAIN (ANALYZE, COSTS OFF) EXECUTE claim_probe('plan-probe', 4, 30, {class});
+         SET LOCAL plan_cache_mode = force_generic_plan;
+         EXPLAIN (ANALYZE, COSTS OFF) EXECUTE claim_probe('plan-probe', 4, 30, {class});
+         ROLLBACK;
+         DEALLOCATE claim_probe;
+         SELECT pg_advisory_unlock_all();",
+        claim = outboxd::outbox::CLAIM,
+        class = outboxd::outbox::AGGREGATE_LOCK_CLASS
+    );
+    let plans: Vec<String> = client
+        .simple_query(&probe)
         .await
         .unwrap()
-        .iter()
-        .map(|r| r.get(0))
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
         .collect();
-    tx.rollback().await.unwrap();
-    // The probe took its aggregates' locks for its session, as a claim does.
-    client
-        .batch_execute("SELECT pg_advisory_unlock_all()")
-        .await
-        .unwrap();
-    let passed: u64 = plan
+    let passed: u64 = plans
         .iter()
         .filter_map(|l| l.trim().strip_prefix("Rows Removed by Filter: "))
         .map(|n| n.parse::<u64>().unwrap())
         .sum();
     assert!(
         passed <= 10,
-        "the claim read past {passed} rows:\n{}",
-        plan.join("\n")
+        "the claims read past {passed} rows:\n{}",
+        plans.join("\n")
     );
 
-    // Lowest ids first: the two retries, then the oldest new rows.
+    // Lowest ids first: the two retries, then the oldest new rows; past the
+    // aggregates another session holds, which wait for it.
+    let holder = env.pg().await;
+    for id in [due_again[0], new[1]] {
+        holder
+            .execute(
+                "SELECT pg_advisory_lock($1, hashtext(aggregate_id)) FROM outbox_messages WHERE id = $2",
+                &[&outboxd::outbox::AGGREGATE_LOCK_CLASS, &id],
+            )
+            .await
+            .unwrap();
+    }
     let mut config = env.config();
     config.relay.batch_size = 4;
     let shared = in_process(&config, "claim-relay").await;
     let synced = "SELECT id FROM outbox_messages WHERE status = 'synced' ORDER BY id";
     let ids = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get(0)).collect::<Vec<i64>>();
-    for _ in 0..2 {
-        let progress = outboxd::relay::worker::run_batch(&shared).await.unwrap();
-        assert_eq!(progress.map(|p| p.rows()), Some(4));
-    }
+    let progress = outboxd::relay::worker::run_batch(&shared).await.unwrap();
+    assert_eq!(progress.map(|p| p.rows()), Some(4));
+    assert_eq!(
+        ids(pg.query(synced, &[]).await.unwrap()),
+        [due_again[1], new[2], new[3], new[4]]
+    );
+    holder
+        .batch_execute("SELECT pg_advisory_unlock_all()")
+        .await
+        .unwrap();
+    let progress = outboxd::relay::worker::run_batch(&shared).await.unwrap();
+    assert_eq!(progress.map(|p| p.rows()), Some(4));
     assert_eq!(
         ids(pg.query(synced, &[]).await.unwrap()),
         [&due_again[..], &new[1..7]].concat()
