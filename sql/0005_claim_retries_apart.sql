@@ -4,11 +4,11 @@
 -- and skipped the rows not yet due. After a spell of failed writes (MongoDB
 -- answering pings but refusing writes), when many pending rows were backing
 -- off, each claim read all of them: 48 ms per claim behind 200k such rows,
--- growing with them. Never-tried rows
--- (attempts = 0, due at once) and retries (attempts > 0, due at next_attempt_at)
--- now have an index each, so a claim reads the first due rows of each and
--- takes the lowest ids of the two. outbox_messages_claim_idx stays: the DBA
--- views and `outboxd status` find the oldest pending row by it.
+-- growing with them. Retries (attempts > 0, due at next_attempt_at) and
+-- never-tried rows (attempts = 0, due at once) now have an index each: a claim
+-- takes the due retries first, in the order they came due, then never-tried
+-- rows in id order. outbox_messages_claim_idx stays: the DBA views and
+-- `outboxd status` find the oldest pending row by it.
 --
 -- Building them reads the whole table and holds off writes to it meanwhile:
 -- 0.4 s for both at a million rows (300k pending) on a 2-core test machine.

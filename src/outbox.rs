@@ -181,16 +181,7 @@ pub struct Batch {
 /// `claim`'s statement: $1 relay id, $2 limit, $3 lease in seconds, $4 the
 /// aggregate lock class. Public for the test that reads its plan.
 pub const CLAIM: &str = "
-        WITH fresh AS (
-            SELECT id FROM outbox_messages
-            WHERE status = 'pending' AND attempts = 0 AND next_attempt_at <= now()
-              AND NOT EXISTS (SELECT 1 FROM outbox_messages busy
-                              WHERE busy.aggregate_id = outbox_messages.aggregate_id
-                                AND busy.status = 'processing')
-              AND pg_try_advisory_lock($4, hashtext(aggregate_id))
-            ORDER BY id LIMIT $2
-            FOR UPDATE SKIP LOCKED),
-        retry AS (
+        WITH retry AS (
             SELECT id FROM outbox_messages
             WHERE status = 'pending' AND attempts > 0 AND next_attempt_at <= now()
               AND NOT EXISTS (SELECT 1 FROM outbox_messages busy
@@ -199,9 +190,16 @@ pub const CLAIM: &str = "
               AND pg_try_advisory_lock($4, hashtext(aggregate_id))
             ORDER BY next_attempt_at, id LIMIT $2
             FOR UPDATE SKIP LOCKED),
-        due AS (
-            SELECT id FROM fresh UNION ALL SELECT id FROM retry
-            ORDER BY id LIMIT $2)
+        fresh AS (
+            SELECT id FROM outbox_messages
+            WHERE status = 'pending' AND attempts = 0 AND next_attempt_at <= now()
+              AND NOT EXISTS (SELECT 1 FROM outbox_messages busy
+                              WHERE busy.aggregate_id = outbox_messages.aggregate_id
+                                AND busy.status = 'processing')
+              AND pg_try_advisory_lock($4, hashtext(aggregate_id))
+            ORDER BY id LIMIT $2 - (SELECT count(*) FROM retry)
+            FOR UPDATE SKIP LOCKED),
+        due AS (SELECT id FROM retry UNION ALL SELECT id FROM fresh)
         UPDATE outbox_messages o
         SET status = 'processing', locked_by = $1, locked_until = now() + $3 * interval '1 second',
             updated_at = now()
@@ -210,23 +208,22 @@ pub const CLAIM: &str = "
         RETURNING o.id, o.operation, o.aggregate_id, o.payload, o.email_id, o.idempotency_key,
                   o.attempts, o.created_at, e.ticket_id, e.webhook_id, o.locked_until";
 
-/// Claims up to `limit` due pending rows, skipping rows other relays hold: the
-/// lowest ids among the first due rows never tried (`outbox_messages_fresh_idx`,
-/// in id order) and the first due retries (`outbox_messages_retry_idx`, in the
-/// order they came due). A retry backing off sits outside its index's due range,
-/// so a claim never reads past one; its cost grows with the rows it skips because
-/// their aggregate is busy (or a DBA postponed them), never with the backlog.
+/// Claims up to `limit` due pending rows, skipping rows other relays hold: first
+/// the retries that are due, in the order they came due
+/// (`outbox_messages_retry_idx`), then rows never tried, in id order
+/// (`outbox_messages_fresh_idx`). A retry backing off sits outside its index's
+/// due range, so a claim never reads past one; its cost grows with the rows it
+/// skips because their aggregate is busy (or a DBA postponed them), never with
+/// the backlog.
 ///
 /// No two relays write one document at once, because FerretDB's guarded updates
 /// are not atomic under concurrency. So a claim skips aggregates with a row in
 /// flight (its lease outlives a holder whose session died mid-write), and takes a
 /// session-level advisory lock per aggregate as it reads, skipping on past one
 /// another session holds: that closes the race between two concurrent claims,
-/// and a frozen relay's locks hold back only its own aggregates. Each side reads
-/// and locks up to `limit` rows; the rows cut free at the transaction's end, but
-/// their aggregates stay locked with the rest. The caller releases the locks with
-/// `unlock_aggregates` once its writes are done; a relay that dies frees them
-/// with its session.
+/// and a frozen relay's locks hold back only its own aggregates. The caller
+/// releases the locks with `unlock_aggregates` once its writes are done; a relay
+/// that dies frees them with its session.
 pub async fn claim(
     client: &impl GenericClient,
     relay_id: &str,
@@ -660,7 +657,7 @@ pub async fn pending_and_failed(client: &impl GenericClient) -> Result<(i64, i64
 
 /// Age in seconds of the oldest pending row.
 pub async fn oldest_pending_age(client: &impl GenericClient) -> Result<Option<f64>, Error> {
-    // The lowest id, from the claim's index: ids follow creation, and
+    // The lowest id, from `outbox_messages_claim_idx`: ids follow creation, and
     // `min(created_at)` would read every pending row of a backlog each second
     // under `status --watch`.
     let row = client

@@ -278,8 +278,8 @@ async fn a_claim_takes_due_retries_and_new_rows_without_reading_past_rows_backin
         plans.join("\n")
     );
 
-    // Lowest ids first: the two retries, then the oldest new rows; past the
-    // aggregates another session holds, which wait for it.
+    // The due retries first, then the oldest new rows; past the aggregates
+    // another session holds, which wait for it.
     let holder = env.pg().await;
     for id in [due_again[0], new[1]] {
         holder
@@ -292,6 +292,9 @@ async fn a_claim_takes_due_retries_and_new_rows_without_reading_past_rows_backin
     }
     let mut config = env.config();
     config.relay.batch_size = 4;
+    // The first write also creates the database: time to spare on a busy machine.
+    config.relay.lease_s = 60;
+    config.mongodb.timeout_ms = 30_000;
     let shared = in_process(&config, "claim-relay").await;
     let synced = "SELECT id FROM outbox_messages WHERE status = 'synced' ORDER BY id";
     let ids = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get(0)).collect::<Vec<i64>>();

@@ -2,16 +2,7 @@
 -- pgbench script for run.sh. :guard and :email (true/false) keep or leave out the
 -- claim's aggregate guard and the mark's e-mail update; pgbench substitutes them as
 -- text, so the planner folds a left-out part away.
-WITH fresh AS (
-    SELECT id FROM outbox_messages
-    WHERE status = 'pending' AND attempts = 0 AND next_attempt_at <= now()
-      AND (NOT :guard OR (
-          NOT EXISTS (SELECT 1 FROM outbox_messages busy
-                      WHERE busy.aggregate_id = outbox_messages.aggregate_id AND busy.status = 'processing')
-          AND pg_try_advisory_lock(28514, hashtext(aggregate_id))))
-    ORDER BY id LIMIT :lim
-    FOR UPDATE SKIP LOCKED),
-retry AS (
+WITH retry AS (
     SELECT id FROM outbox_messages
     WHERE status = 'pending' AND attempts > 0 AND next_attempt_at <= now()
       AND (NOT :guard OR (
@@ -20,9 +11,16 @@ retry AS (
           AND pg_try_advisory_lock(28514, hashtext(aggregate_id))))
     ORDER BY next_attempt_at, id LIMIT :lim
     FOR UPDATE SKIP LOCKED),
-due AS (
-    SELECT id FROM fresh UNION ALL SELECT id FROM retry
-    ORDER BY id LIMIT :lim),
+fresh AS (
+    SELECT id FROM outbox_messages
+    WHERE status = 'pending' AND attempts = 0 AND next_attempt_at <= now()
+      AND (NOT :guard OR (
+          NOT EXISTS (SELECT 1 FROM outbox_messages busy
+                      WHERE busy.aggregate_id = outbox_messages.aggregate_id AND busy.status = 'processing')
+          AND pg_try_advisory_lock(28514, hashtext(aggregate_id))))
+    ORDER BY id LIMIT :lim - (SELECT count(*) FROM retry)
+    FOR UPDATE SKIP LOCKED),
+due AS (SELECT id FROM retry UNION ALL SELECT id FROM fresh),
 c AS (
 UPDATE outbox_messages o
 SET status = 'processing', locked_by = 'x' || :client_id, locked_until = now() + 30 * interval '1 second', updated_at = now()
