@@ -17,6 +17,13 @@ const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
     checksum   text NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now())";
 
+/// How long one try of a migration waits for a table's lock, and how many tries
+/// it makes. Writers queue behind a migration that waits for a lock, so behind
+/// a long transaction it gives way to them between tries instead of stalling
+/// them all until that transaction ends.
+const LOCK_TIMEOUT: &str = "2s";
+const LOCK_TRIES: u32 = 60;
+
 /// The schema version this binary expects.
 pub fn latest_version() -> i32 {
     MIGRATIONS.last().map(|m| m.0).unwrap_or(0)
@@ -102,21 +109,76 @@ async fn apply_pending(client: &mut Client) -> anyhow::Result<Vec<String>> {
         if applied.iter().any(|a| a.0 == *version) {
             continue;
         }
-        let tx = client.transaction().await?;
-        tx.batch_execute(sql)
-            .await
-            .with_context(|| format!("migration {name} failed"))?;
-        tx.execute(
-            "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-            &[version, name, &checksum(sql)],
-        )
-        .await?;
-        tx.commit()
-            .await
-            .with_context(|| format!("cannot commit migration {name}"))?;
+        let mut tries = 1;
+        while !apply_one(client, *version, name, sql).await? {
+            if tries == LOCK_TRIES {
+                bail!(
+                    "migration {name} could not take its locks in {LOCK_TRIES} tries of {LOCK_TIMEOUT}: \
+                     a long transaction holds one of its tables (see pg_stat_activity); \
+                     end it, then run `outboxd migrate` again"
+                );
+            }
+            println!(
+                "migration {name} waited {LOCK_TIMEOUT} for a lock another transaction holds; \
+                 trying again ({tries} of {LOCK_TRIES})"
+            );
+            tries += 1;
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
         done.push(name.to_string());
     }
     Ok(done)
+}
+
+/// Applies one file in its own transaction and records it. `Ok(false)`: a lock
+/// it needs was not free within `LOCK_TIMEOUT`, and nothing was applied.
+async fn apply_one(
+    client: &mut Client,
+    version: i32,
+    name: &str,
+    sql: &str,
+) -> anyhow::Result<bool> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+        .await?;
+    if let Err(e) = tx.batch_execute(sql).await {
+        if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        return Err(e).with_context(|| format!("migration {name} failed"));
+    }
+    tx.execute(
+        "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+        &[&version, &name, &checksum(sql)],
+    )
+    .await?;
+    tx.commit()
+        .await
+        .with_context(|| format!("cannot commit migration {name}"))?;
+    Ok(true)
+}
+
+/// Logs, as a daemon starts, a schema other than the one this binary expects:
+/// older when a migration was not run or failed (the daemon still runs, but
+/// may be slow or fail), newer during a rolling upgrade.
+pub async fn warn_unless_current(client: &Client) {
+    let expected = latest_version();
+    match current_version(client).await {
+        Ok(Some(v)) if v == expected => {}
+        Ok(Some(v)) if v > expected => tracing::warn!(
+            schema_version = v,
+            expected,
+            "the schema is newer than this outboxd knows: upgrade outboxd on this host"
+        ),
+        Ok(Some(v)) => tracing::error!(
+            schema_version = v,
+            expected,
+            "the schema is older than this outboxd expects: run `outboxd migrate`"
+        ),
+        Ok(None) => tracing::error!("the database has no outboxd schema: run `outboxd migrate`"),
+        Err(e) => tracing::warn!(error = %e, "cannot read the schema version"),
+    }
 }
 
 /// The highest applied version, or `None` before the first migration.

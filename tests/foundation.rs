@@ -115,6 +115,75 @@ async fn migrate_waits_for_the_lock_beyond_the_statement_timeout() {
 }
 
 #[tokio::test]
+async fn migrate_gives_way_to_writers_while_a_long_transaction_holds_a_table() {
+    let db = EmptyDb::new().await;
+    let env = db.env();
+    let first = outboxd(&["migrate"], &env);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let connect = || async {
+        let (client, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    };
+    // Back to schema version 4, before 0005 built its indexes.
+    let admin = connect().await;
+    admin
+        .batch_execute(
+            "DROP INDEX outbox_messages_fresh_idx, outbox_messages_retry_idx;
+             DELETE FROM schema_migrations WHERE version = 5",
+        )
+        .await
+        .unwrap();
+    // A transaction that wrote to the outbox and stays open.
+    let long = connect().await;
+    long.batch_execute("BEGIN; LOCK TABLE outbox_messages IN ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let migrate = std::thread::spawn(move || outboxd(&["migrate"], &env));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Meanwhile other writers get through, between migrate's tries.
+    for _ in 0..3 {
+        let writer = connect().await;
+        let write =
+            writer.batch_execute("BEGIN; LOCK TABLE outbox_messages IN ROW EXCLUSIVE MODE; COMMIT");
+        assert!(
+            tokio::time::timeout(Duration::from_secs(20), write)
+                .await
+                .is_ok(),
+            "a writer waited behind the migration"
+        );
+    }
+    long.batch_execute("COMMIT").await.unwrap();
+    let out = migrate.join().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("for a lock another transaction holds"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("applied 0005"), "{stdout}");
+    let indexes: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_indexes WHERE indexname IN ('outbox_messages_fresh_idx', 'outbox_messages_retry_idx')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(indexes, 2);
+}
+
+#[tokio::test]
 async fn migrate_twice_is_a_no_op_and_concurrent_migrates_are_safe() {
     let db = EmptyDb::new().await;
     let env = db.env();

@@ -327,6 +327,32 @@ async fn a_claim_takes_due_retries_and_new_rows_without_reading_past_rows_backin
 }
 
 #[tokio::test]
+async fn a_relay_on_an_older_schema_says_to_migrate_and_still_runs() {
+    let env = TestEnv::new().await;
+    env.pg()
+        .await
+        .batch_execute("DELETE FROM schema_migrations WHERE version = (SELECT max(version) FROM schema_migrations)")
+        .await
+        .unwrap();
+    env.seed(3, 3).await;
+    let mut r = relay(&env, "old-schema", &[]);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            env.unsynced().await == 0
+        })
+        .await,
+        "the relay runs"
+    );
+    r.signal("TERM");
+    assert!(r.wait_timeout(Duration::from_secs(30)).is_some());
+    let log = r.log_text();
+    assert!(
+        log.contains("the schema is older than this outboxd expects: run `outboxd migrate`"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
 async fn rows_too_late_for_their_lease_go_back_unwritten_and_uncounted() {
     let env = TestEnv::new().await;
     env.seed(3, 3).await;

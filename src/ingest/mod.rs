@@ -53,8 +53,11 @@ pub async fn run(
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (`ingest.listen` / --listen)"))?;
-    if let Err(e) = pool.get().await {
-        tracing::warn!(error = %db::summarize_pool(&e), "PostgreSQL is not reachable yet; answering 503 until it is");
+    match pool.get().await {
+        Ok(client) => crate::migrate::warn_unless_current(&client).await,
+        Err(e) => {
+            tracing::warn!(error = %db::summarize_pool(&e), "PostgreSQL is not reachable yet; answering 503 until it is")
+        }
     }
     // The notifier outlives the drain: rows committed during it still get a NOTIFY.
     let drained = CancellationToken::new();

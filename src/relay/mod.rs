@@ -45,6 +45,9 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
             "database.pool_size is below relay.workers + 2: workers will wait for connections"
         );
     }
+    if let Ok(client) = pool.get().await {
+        crate::migrate::warn_unless_current(&client).await;
+    }
     let sink = mongo::connect(&config.mongodb).await?;
     let shared = Arc::new(Shared {
         relay_id: relay_id.clone(),
