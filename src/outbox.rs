@@ -184,27 +184,36 @@ pub const CLAIM: &str = "
         WITH retry AS (
             SELECT id FROM outbox_messages
             WHERE status = 'pending' AND attempts > 0 AND next_attempt_at <= now()
-              AND NOT EXISTS (SELECT 1 FROM outbox_messages busy
-                              WHERE busy.aggregate_id = outbox_messages.aggregate_id
-                                AND busy.status = 'processing')
-              AND pg_try_advisory_lock($4, hashtext(aggregate_id))
+              -- The busy check first: a claim locks only aggregates it may take.
+              AND CASE WHEN NOT EXISTS (SELECT 1 FROM outbox_messages busy
+                                        WHERE busy.aggregate_id = outbox_messages.aggregate_id
+                                          AND busy.status = 'processing')
+                       THEN pg_try_advisory_lock($4, hashtext(aggregate_id)) ELSE false END
             ORDER BY next_attempt_at, id LIMIT $2
             FOR UPDATE SKIP LOCKED),
         fresh AS (
             SELECT id FROM outbox_messages
             WHERE status = 'pending' AND attempts = 0 AND next_attempt_at <= now()
-              AND NOT EXISTS (SELECT 1 FROM outbox_messages busy
-                              WHERE busy.aggregate_id = outbox_messages.aggregate_id
-                                AND busy.status = 'processing')
-              AND pg_try_advisory_lock($4, hashtext(aggregate_id))
-            ORDER BY id LIMIT $2 - (SELECT count(*) FROM retry)
+              AND (SELECT count(*) FROM retry) < $2
+              AND CASE WHEN NOT EXISTS (SELECT 1 FROM outbox_messages busy
+                                        WHERE busy.aggregate_id = outbox_messages.aggregate_id
+                                          AND busy.status = 'processing')
+                       THEN pg_try_advisory_lock($4, hashtext(aggregate_id)) ELSE false END
+            -- A constant limit: the planner reads a non-constant one as a
+            -- tenth of the rows, and might sort them all instead.
+            ORDER BY id LIMIT $2
             FOR UPDATE SKIP LOCKED),
-        due AS (SELECT id FROM retry UNION ALL SELECT id FROM fresh)
+        due AS (
+            SELECT id FROM retry
+            UNION ALL
+            (SELECT id FROM fresh ORDER BY id LIMIT $2 - (SELECT count(*) FROM retry)))
         UPDATE outbox_messages o
         SET status = 'processing', locked_by = $1, locked_until = now() + $3 * interval '1 second',
             updated_at = now()
-        FROM due, incoming_emails e
-        WHERE o.id = due.id AND e.id = o.email_id
+        FROM incoming_emails e
+        -- An array, not a join: the rows are found by primary key whatever
+        -- count the planner guesses for `due`.
+        WHERE o.id = ANY(ARRAY(SELECT id FROM due)) AND e.id = o.email_id
         RETURNING o.id, o.operation, o.aggregate_id, o.payload, o.email_id, o.idempotency_key,
                   o.attempts, o.created_at, e.ticket_id, e.webhook_id, o.locked_until";
 
@@ -221,9 +230,12 @@ pub const CLAIM: &str = "
 /// flight (its lease outlives a holder whose session died mid-write), and takes a
 /// session-level advisory lock per aggregate as it reads, skipping on past one
 /// another session holds: that closes the race between two concurrent claims,
-/// and a frozen relay's locks hold back only its own aggregates. The caller
-/// releases the locks with `unlock_aggregates` once its writes are done; a relay
-/// that dies frees them with its session.
+/// and a frozen relay's locks hold back only its own aggregates. When retries
+/// fill part of the batch, the new rows read beyond the rest free at the
+/// transaction's end, but their aggregates stay locked with the others: at
+/// most `limit` more, for one batch. The caller releases the locks with
+/// `unlock_aggregates` once its writes are done; a relay that dies frees them
+/// with its session.
 pub async fn claim(
     client: &impl GenericClient,
     relay_id: &str,

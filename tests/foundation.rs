@@ -146,7 +146,23 @@ async fn migrate_gives_way_to_writers_while_a_long_transaction_holds_a_table() {
         .await
         .unwrap();
     let migrate = std::thread::spawn(move || outboxd(&["migrate"], &env));
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Once migrate waits for the table, past a first try's timeout.
+    let waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'outbox_messages'::regclass";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while admin
+        .query_one(waiting, &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "migrate never waited for the table"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     // Meanwhile other writers get through, between migrate's tries.
     for _ in 0..3 {
         let writer = connect().await;

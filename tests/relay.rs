@@ -277,6 +277,18 @@ async fn a_claim_takes_due_retries_and_new_rows_without_reading_past_rows_backin
         "the claims read past {passed} rows:\n{}",
         plans.join("\n")
     );
+    for index in ["outbox_messages_retry_idx", "outbox_messages_fresh_idx"] {
+        let scans = plans
+            .iter()
+            .filter(|l| l.contains(&format!("Index Scan using {index} ")))
+            .count();
+        assert_eq!(scans, 2, "each plan walks {index}:\n{}", plans.join("\n"));
+    }
+    assert!(
+        !plans.iter().any(|l| l.contains("Seq Scan")),
+        "no plan reads a whole table:\n{}",
+        plans.join("\n")
+    );
 
     // The due retries first, then the oldest new rows; past the aggregates
     // another session holds, which wait for it.

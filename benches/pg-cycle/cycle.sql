@@ -5,22 +5,26 @@
 WITH retry AS (
     SELECT id FROM outbox_messages
     WHERE status = 'pending' AND attempts > 0 AND next_attempt_at <= now()
-      AND (NOT :guard OR (
-          NOT EXISTS (SELECT 1 FROM outbox_messages busy
-                      WHERE busy.aggregate_id = outbox_messages.aggregate_id AND busy.status = 'processing')
-          AND pg_try_advisory_lock(28514, hashtext(aggregate_id))))
+      AND (NOT :guard OR
+           CASE WHEN NOT EXISTS (SELECT 1 FROM outbox_messages busy
+                                 WHERE busy.aggregate_id = outbox_messages.aggregate_id AND busy.status = 'processing')
+                THEN pg_try_advisory_lock(28514, hashtext(aggregate_id)) ELSE false END)
     ORDER BY next_attempt_at, id LIMIT :lim
     FOR UPDATE SKIP LOCKED),
 fresh AS (
     SELECT id FROM outbox_messages
     WHERE status = 'pending' AND attempts = 0 AND next_attempt_at <= now()
-      AND (NOT :guard OR (
-          NOT EXISTS (SELECT 1 FROM outbox_messages busy
-                      WHERE busy.aggregate_id = outbox_messages.aggregate_id AND busy.status = 'processing')
-          AND pg_try_advisory_lock(28514, hashtext(aggregate_id))))
-    ORDER BY id LIMIT :lim - (SELECT count(*) FROM retry)
+      AND (SELECT count(*) FROM retry) < :lim
+      AND (NOT :guard OR
+           CASE WHEN NOT EXISTS (SELECT 1 FROM outbox_messages busy
+                                 WHERE busy.aggregate_id = outbox_messages.aggregate_id AND busy.status = 'processing')
+                THEN pg_try_advisory_lock(28514, hashtext(aggregate_id)) ELSE false END)
+    ORDER BY id LIMIT :lim
     FOR UPDATE SKIP LOCKED),
-due AS (SELECT id FROM retry UNION ALL SELECT id FROM fresh),
+due AS (
+    SELECT id FROM retry
+    UNION ALL
+    (SELECT id FROM fresh ORDER BY id LIMIT :lim - (SELECT count(*) FROM retry))),
 c AS (
 UPDATE outbox_messages o
 SET status = 'processing', locked_by = 'x' || :client_id, locked_until = now() + 30 * interval '1 second', updated_at = now()
