@@ -120,8 +120,8 @@ async fn apply_pending(client: &mut Client) -> anyhow::Result<Vec<String>> {
                 );
             }
             println!(
-                "migration {name} waited {LOCK_TIMEOUT} for a lock another transaction holds; \
-                 trying again ({tries} of {LOCK_TRIES})"
+                "migration {name} could not take its locks (it waited {LOCK_TIMEOUT} for one \
+                 another transaction holds, or deadlocked with a writer); trying again ({tries} of {LOCK_TRIES})"
             );
             tries += 1;
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;

@@ -6,9 +6,9 @@ WITH retry AS (
     SELECT id FROM outbox_messages
     WHERE status = 'pending' AND attempts > 0 AND next_attempt_at <= now()
       AND (NOT :guard OR
-           CASE WHEN NOT EXISTS (SELECT 1 FROM outbox_messages busy
-                                 WHERE busy.aggregate_id = outbox_messages.aggregate_id AND busy.status = 'processing')
-                THEN pg_try_advisory_lock(28514, hashtext(aggregate_id)) ELSE false END)
+           (NOT EXISTS (SELECT 1 FROM outbox_messages busy
+                        WHERE busy.aggregate_id = outbox_messages.aggregate_id AND busy.status = 'processing')
+            AND pg_try_advisory_lock(28514, hashtext(aggregate_id))))
     ORDER BY next_attempt_at, id LIMIT :lim
     FOR UPDATE SKIP LOCKED),
 fresh AS (
@@ -16,9 +16,9 @@ fresh AS (
     WHERE status = 'pending' AND attempts = 0 AND next_attempt_at <= now()
       AND (SELECT count(*) FROM retry) < :lim
       AND (NOT :guard OR
-           CASE WHEN NOT EXISTS (SELECT 1 FROM outbox_messages busy
-                                 WHERE busy.aggregate_id = outbox_messages.aggregate_id AND busy.status = 'processing')
-                THEN pg_try_advisory_lock(28514, hashtext(aggregate_id)) ELSE false END)
+           (NOT EXISTS (SELECT 1 FROM outbox_messages busy
+                        WHERE busy.aggregate_id = outbox_messages.aggregate_id AND busy.status = 'processing')
+            AND pg_try_advisory_lock(28514, hashtext(aggregate_id))))
     ORDER BY id LIMIT :lim
     FOR UPDATE SKIP LOCKED),
 due AS (
