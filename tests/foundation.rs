@@ -59,6 +59,21 @@ impl Drop for EmptyDb {
     }
 }
 
+/// Polls `count_sql` (a count of waiting lock requests) until it is non-zero.
+async fn wait_for_a_waiter(client: &tokio_postgres::Client, count_sql: &str, never: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while client
+        .query_one(count_sql, &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+    {
+        assert!(Instant::now() < deadline, "{never}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn migrate_waits_for_the_lock_beyond_the_statement_timeout() {
     let db = EmptyDb::new().await;
@@ -83,20 +98,7 @@ async fn migrate_waits_for_the_lock_beyond_the_statement_timeout() {
     // Once migrate waits for the lock, hold it past its statement timeout.
     let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while holder
-        .query_one(waiting, &[])
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-        == 0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "migrate never waited for the lock"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_a_waiter(&holder, waiting, "migrate never waited for the lock").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     holder
         .execute(
@@ -148,20 +150,7 @@ async fn migrate_gives_way_to_writers_while_a_long_transaction_holds_a_table() {
     let migrate = std::thread::spawn(move || outboxd(&["migrate"], &env));
     // Once migrate waits for the table, past a first try's timeout.
     let waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'outbox_messages'::regclass";
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while admin
-        .query_one(waiting, &[])
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-        == 0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "migrate never waited for the table"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_a_waiter(&admin, waiting, "migrate never waited for the table").await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     // Meanwhile other writers get through, between migrate's tries.
     for _ in 0..3 {
