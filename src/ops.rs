@@ -404,6 +404,9 @@ async fn audit_ahead(
         }
         result.handled.insert(aggregate.clone());
     }
+    if result.requeued > 0 {
+        outbox::notify(client).await?;
+    }
     Ok(Some(result))
 }
 
@@ -495,9 +498,6 @@ async fn audit_with(
         );
     }
     if repair {
-        if requeued > 0 {
-            outbox::notify(&client).await?;
-        }
         println!(
             "requeued {requeued} row{}",
             if requeued == 1 { "" } else { "s" }
