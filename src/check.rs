@@ -43,15 +43,17 @@ async fn postgres(config: &Config) -> anyhow::Result<String> {
     tokio::spawn(connection);
     let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
     let expected = migrate::latest_version();
-    match migrate::current_version(&client).await? {
-        Some(v) if v == expected => Ok(format!("server {version}, schema version {v}")),
-        Some(v) if v > expected => anyhow::bail!(
+    match migrate::schema(&client).await? {
+        migrate::Schema::Current(v) => Ok(format!("server {version}, schema version {v}")),
+        migrate::Schema::Newer(v) => anyhow::bail!(
             "server {version}, schema version {v} is newer than this outboxd knows ({expected}): upgrade outboxd"
         ),
-        Some(v) => anyhow::bail!(
+        migrate::Schema::Older(v) => anyhow::bail!(
             "server {version}, schema version {v} but this outboxd expects {expected}: run `outboxd migrate`"
         ),
-        None => anyhow::bail!("server {version}, no schema yet: run `outboxd migrate`"),
+        migrate::Schema::Missing => {
+            anyhow::bail!("server {version}, no schema yet: run `outboxd migrate`")
+        }
     }
 }
 

@@ -164,30 +164,51 @@ async fn apply_one(
     Ok(true)
 }
 
+/// A database's schema version against the one this binary expects.
+pub enum Schema {
+    Current(i32),
+    Older(i32),
+    Newer(i32),
+    Missing,
+}
+
+/// Reads where the database's schema stands.
+pub async fn schema(client: &Client) -> anyhow::Result<Schema> {
+    let expected = latest_version();
+    Ok(match current_version(client).await? {
+        None => Schema::Missing,
+        Some(v) if v == expected => Schema::Current(v),
+        Some(v) if v > expected => Schema::Newer(v),
+        Some(v) => Schema::Older(v),
+    })
+}
+
 /// Logs, as a daemon starts, a schema other than the one this binary expects:
 /// older when a migration was not run or failed (the daemon still runs, but
 /// may be slow or fail), newer during a rolling upgrade.
 pub async fn warn_unless_current(client: &Client) {
     let expected = latest_version();
-    match current_version(client).await {
-        Ok(Some(v)) if v == expected => {}
-        Ok(Some(v)) if v > expected => tracing::warn!(
+    match schema(client).await {
+        Ok(Schema::Current(_)) => {}
+        Ok(Schema::Newer(v)) => tracing::warn!(
             schema_version = v,
             expected,
             "the schema is newer than this outboxd knows: upgrade outboxd on this host"
         ),
-        Ok(Some(v)) => tracing::error!(
+        Ok(Schema::Older(v)) => tracing::error!(
             schema_version = v,
             expected,
             "the schema is older than this outboxd expects: run `outboxd migrate`"
         ),
-        Ok(None) => tracing::error!("the database has no outboxd schema: run `outboxd migrate`"),
+        Ok(Schema::Missing) => {
+            tracing::error!("the database has no outboxd schema: run `outboxd migrate`")
+        }
         Err(e) => tracing::warn!(error = %e, "cannot read the schema version"),
     }
 }
 
 /// The highest applied version, or `None` before the first migration.
-pub async fn current_version(client: &Client) -> anyhow::Result<Option<i32>> {
+async fn current_version(client: &Client) -> anyhow::Result<Option<i32>> {
     let exists: bool = client
         .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
         .await?
