@@ -888,6 +888,11 @@ async fn relay_drain(
     let mongo = ctx.fresh_mongo(tag);
     let result: anyhow::Result<DrainRun> = async {
         let client = ctx.pg(db).await?;
+        // The backlog's bulk insert would otherwise leave its checkpoint to run
+        // during the drain, a cost that the raw loop never pays.
+        if let Err(e) = client.batch_execute("CHECKPOINT").await {
+            say!("no CHECKPOINT before the drain ({e}); the backlog's may still be running");
+        }
         // The poll must stay cheap as synced rows pile up: walk the partial indexes.
         client.batch_execute("SET enable_seqscan = off").await?;
         let mut env = ctx.child_env(db, &mongo);
@@ -1122,7 +1127,9 @@ async fn phase_drain(ctx: &Ctx, plan: &Plan, report: &mut Report) -> anyhow::Res
     say!("drain setting: {}", setting.label());
     let mut rows_cache: Option<Arc<Vec<Claimed>>> = None;
     let mut runs = Vec::new();
-    let mut best: Option<(usize, f64, f64)> = None; // (relays, rps, raw rps)
+    // (relays, relay rows/s, raw rows/s) at the best ratio, and at the most rows/s.
+    let mut best: Option<(usize, f64, f64)> = None;
+    let mut fastest: Option<(usize, f64, f64)> = None;
     for &procs in &plan.relay_counts {
         let db = backlog_db(ctx, "drain", plan.drain_rows).await?;
         if rows_cache.is_none() {
@@ -1153,14 +1160,25 @@ async fn phase_drain(ctx: &Ctx, plan: &Plan, report: &mut Report) -> anyhow::Res
             "raw_cpu_us_per_row": rnd(raw_cpu / plan.drain_rows as f64 * 1e6, 1),
             "ratio": rnd(run.rps / raw, 3),
         }));
-        if best.is_none_or(|b| run.rps > b.1) {
+        if best.is_none_or(|b| run.rps / raw > b.1 / b.2) {
             best = Some((procs, run.rps, raw));
         }
+        if fastest.is_none_or(|b| run.rps > b.1) {
+            fastest = Some((procs, run.rps, raw));
+        }
     }
+    // The issue asks for the best ratio; the ratio at the relay count that
+    // drained fastest is kept beside it (it was `drain_ratio` until 2026-11-29).
     let (best_procs, best_rps, raw) = best.context("no drain run")?;
+    let (fastest_procs, fastest_rps, fastest_raw) = fastest.context("no drain run")?;
     report.set("mongo_raw_rps", json!(rnd(raw, 1)));
     report.set("drain_ratio", json!(rnd(best_rps / raw, 3)));
     report.set("drain_best_relays", json!(best_procs));
+    report.set(
+        "drain_ratio_at_fastest",
+        json!(rnd(fastest_rps / fastest_raw, 3)),
+    );
+    report.set("drain_fastest_relays", json!(fastest_procs));
     report.detail(
         "drain",
         json!({
@@ -1170,7 +1188,7 @@ async fn phase_drain(ctx: &Ctx, plan: &Plan, report: &mut Report) -> anyhow::Res
             "setting_chosen_by": if fixed { "BENCH_RELAY_* variables" } else if plan.tune_rows > 0 { "sweep (1 relay, best rows/s)" } else { "src/config.rs defaults" },
             "sweep": sweep,
             "runs": runs,
-            "mongo_raw_rps_is": format!("the raw loop at the concurrency of the best relay count ({best_procs})"),
+            "mongo_raw_rps_is": format!("the raw loop at the concurrency of the relay count with the best ratio ({best_procs})"),
         }),
     );
     Ok(setting)
@@ -1694,6 +1712,7 @@ const KEYS: &[&str] = &[
     "drain_rps_4",
     "mongo_raw_rps",
     "drain_ratio",
+    "drain_ratio_at_fastest",
     "pipeline_max_rps",
     "lag_p50_ms",
     "lag_p99_ms",
