@@ -1018,32 +1018,47 @@ async fn raw_drain(
             for _ in 0..setting.workers {
                 let (sink, rows, cursor) = (sink.clone(), rows.clone(), cursor.clone());
                 tasks.spawn(async move {
+                    use outboxd::mongo::Outcome;
                     let batch = setting.batch as usize;
-                    let mut errors = 0usize;
+                    let mut retried = 0usize;
                     loop {
                         let start = cursor.fetch_add(batch, Ordering::Relaxed);
                         if start >= rows.len() {
-                            return Ok::<_, anyhow::Error>(errors);
+                            return Ok::<_, anyhow::Error>(retried);
                         }
-                        let slice = &rows[start..(start + batch).min(rows.len())];
-                        let far = Instant::now() + Duration::from_secs(3600);
-                        let outcomes = sink.apply(slice, setting.conc, far).await;
-                        errors += outcomes
-                            .values()
-                            .filter(|o| **o != outboxd::mongo::Outcome::Applied)
-                            .count();
+                        let mut todo = rows[start..(start + batch).min(rows.len())].to_vec();
+                        // Like the relay, a writer retries what failed for now
+                        // (a timeout under load, say); the retries count in its time.
+                        for attempt in 1.. {
+                            let far = Instant::now() + Duration::from_secs(3600);
+                            let outcomes = sink.apply(&todo, setting.conc, far).await;
+                            if let Some(o) = outcomes.values().find(|o| {
+                                matches!(o, Outcome::Permanent(_) | Outcome::Late | Outcome::Untried)
+                            }) {
+                                bail!("raw MongoDB loop: a write was not made: {o:?}");
+                            }
+                            todo.retain(|row| outcomes.get(&row.id) != Some(&Outcome::Applied));
+                            if todo.is_empty() {
+                                break;
+                            }
+                            if attempt == 5 {
+                                let first = outcomes.values().find(|o| **o != Outcome::Applied);
+                                bail!("raw MongoDB loop: {} writes still failing after {attempt} tries: {first:?}", todo.len());
+                            }
+                            retried += todo.len();
+                        }
                     }
                 });
             }
         }
-        let mut errors = 0;
+        let mut retried = 0;
         while let Some(done) = tasks.join_next().await {
-            errors += done??;
+            retried += done??;
         }
         let secs = t0.elapsed().as_secs_f64();
         let cpu = support::self_cpu_s() - cpu0;
-        if errors > 0 {
-            bail!("raw MongoDB loop: {errors} write errors");
+        if retried > 0 {
+            say!("raw MongoDB loop: {retried} writes failed for now and were retried");
         }
         let docs = dbs[0]
             .collection::<Document>(COLLECTION)
