@@ -108,7 +108,7 @@ impl PgCluster {
             "--no-sync",
         ])?;
         let cluster = PgCluster {
-            port: common_free_port(),
+            port: crate::common::free_port(),
             dir,
             bin,
             log,
@@ -169,14 +169,6 @@ impl Drop for PgCluster {
     fn drop(&mut self) {
         let _ = self.ctl(&["stop", "-m", "immediate"]);
     }
-}
-
-fn common_free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A PostgreSQL client that reconnects after errors (restarts, terminations), with
