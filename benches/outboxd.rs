@@ -991,14 +991,21 @@ async fn relay_drain(
 /// through the relay's own sink (`outboxd::mongo::Sink::apply`: one guarded upsert
 /// per document, `write_concurrency` at a time) and with its concurrency: `procs`
 /// clients × `workers` loops, each taking batches of `batch_size`. No PostgreSQL.
+struct RawRun {
+    rps: f64,
+    cpu_s: f64,
+    /// Writes that failed for now and were tried again.
+    retried: usize,
+}
+
 async fn raw_drain(
     ctx: &Ctx,
     rows: Arc<Vec<Claimed>>,
     setting: Setting,
     procs: usize,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<RawRun> {
     let mongo = ctx.fresh_mongo("raw");
-    let result: anyhow::Result<(f64, f64)> = async {
+    let result: anyhow::Result<RawRun> = async {
         let cursor = Arc::new(AtomicUsize::new(0));
         let mut dbs = Vec::new();
         let mut sinks = Vec::new();
@@ -1046,6 +1053,7 @@ async fn raw_drain(
                                 bail!("raw MongoDB loop: {} writes still failing after {attempt} tries: {first:?}", todo.len());
                             }
                             retried += todo.len();
+                            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
                         }
                     }
                 });
@@ -1070,7 +1078,11 @@ async fn raw_drain(
                 rows.len()
             );
         }
-        Ok((rows.len() as f64 / secs, cpu))
+        Ok(RawRun {
+            rps: rows.len() as f64 / secs,
+            cpu_s: cpu,
+            retried,
+        })
     }
     .await;
     ctx.drop_mongo(&mongo).await;
@@ -1095,7 +1107,7 @@ async fn probe_mongo(ctx: &Ctx, plan: &Plan) -> anyhow::Result<()> {
             batch,
             conc,
         };
-        let (rps, _) = raw_drain(ctx, rows.clone(), s, procs).await?;
+        let rps = raw_drain(ctx, rows.clone(), s, procs).await?.rps;
         say!("probe: {procs} client(s), {}: {rps:.0} rows/s", s.label());
     }
     Ok(())
@@ -1166,7 +1178,8 @@ async fn phase_drain(ctx: &Ctx, plan: &Plan, report: &mut Report) -> anyhow::Res
             ctx.drop_db(&db).await;
             let run = run?;
             let rows = rows_cache.clone().unwrap();
-            let (raw, raw_cpu) = raw_drain(ctx, rows, setting, procs).await?;
+            let raw_run = raw_drain(ctx, rows, setting, procs).await?;
+            let raw = raw_run.rps;
             say!(
                 "drain {} rows, pair {}/{}: {procs} relay(s) {:.0} rows/s ({:.1} s) · raw MongoDB loop, same concurrency: {:.0} rows/s",
                 plan.drain_rows,
@@ -1186,7 +1199,8 @@ async fn phase_drain(ctx: &Ctx, plan: &Plan, report: &mut Report) -> anyhow::Res
                 "relay_cpu_us_per_row": rnd(run.relay_cpu_s / plan.drain_rows as f64 * 1e6, 1),
                 "relay_peak_rss_mib": run.rss_kib.iter().map(|k| rnd(*k as f64 / 1024.0, 1)).collect::<Vec<_>>(),
                 "raw_rows_per_s": rnd(raw, 1),
-                "raw_cpu_us_per_row": rnd(raw_cpu / plan.drain_rows as f64 * 1e6, 1),
+                "raw_cpu_us_per_row": rnd(raw_run.cpu_s / plan.drain_rows as f64 * 1e6, 1),
+                "raw_writes_retried": raw_run.retried,
                 "ratio": rnd(run.rps / raw, 3),
             }));
         }
