@@ -38,6 +38,14 @@ impl EmptyDb {
         }
     }
 
+    async fn pg(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
     fn env(&self) -> Vec<(String, String)> {
         vec![
             ("DATABASE_URL".into(), self.url.clone()),
@@ -83,10 +91,7 @@ async fn migrate_waits_for_the_lock_beyond_the_statement_timeout() {
         "200".into(),
     ));
     // Another host's migrate, holding the lock for longer than the timeout.
-    let (holder, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let holder = db.pg().await;
     holder
         .execute(
             "SELECT pg_advisory_lock($1)",
@@ -126,15 +131,8 @@ async fn migrate_gives_way_to_writers_while_a_long_transaction_holds_a_table() {
         "{}",
         String::from_utf8_lossy(&first.stderr)
     );
-    let connect = || async {
-        let (client, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        client
-    };
     // Back to schema version 4, before 0005 built its indexes.
-    let admin = connect().await;
+    let admin = db.pg().await;
     admin
         .batch_execute(
             "DROP INDEX outbox_messages_fresh_idx, outbox_messages_retry_idx;
@@ -143,7 +141,7 @@ async fn migrate_gives_way_to_writers_while_a_long_transaction_holds_a_table() {
         .await
         .unwrap();
     // A transaction that wrote to the outbox and stays open.
-    let long = connect().await;
+    let long = db.pg().await;
     long.batch_execute("BEGIN; LOCK TABLE outbox_messages IN ROW EXCLUSIVE MODE")
         .await
         .unwrap();
@@ -154,7 +152,7 @@ async fn migrate_gives_way_to_writers_while_a_long_transaction_holds_a_table() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     // Meanwhile other writers get through, between migrate's tries.
     for _ in 0..3 {
-        let writer = connect().await;
+        let writer = db.pg().await;
         let write =
             writer.batch_execute("BEGIN; LOCK TABLE outbox_messages IN ROW EXCLUSIVE MODE; COMMIT");
         assert!(
@@ -207,10 +205,7 @@ async fn migrate_twice_is_a_no_op_and_concurrent_migrates_are_safe() {
     assert!(again.status.success());
     assert!(String::from_utf8_lossy(&again.stdout).contains("up to date"));
 
-    let (client, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = db.pg().await;
     let versions: i64 = client
         .query_one("SELECT count(*) FROM schema_migrations", &[])
         .await
