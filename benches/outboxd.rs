@@ -987,10 +987,7 @@ async fn relay_drain(
     result
 }
 
-/// The reference: the same documents written straight to MongoDB by this process,
-/// through the relay's own sink (`outboxd::mongo::Sink::apply`: one guarded upsert
-/// per document, `write_concurrency` at a time) and with its concurrency: `procs`
-/// clients × `workers` loops, each taking batches of `batch_size`. No PostgreSQL.
+/// One run of the raw MongoDB loop.
 struct RawRun {
     rps: f64,
     cpu_s: f64,
@@ -998,6 +995,11 @@ struct RawRun {
     retried: usize,
 }
 
+/// The reference: the same documents written straight to MongoDB by this process,
+/// through the relay's own sink (`outboxd::mongo::Sink::apply`: one unordered
+/// insert of the aggregates it has not seen, a guarded update for the others,
+/// `write_concurrency` at a time) and with its concurrency: `procs` clients ×
+/// `workers` loops, each taking batches of `batch_size`. No PostgreSQL.
 async fn raw_drain(
     ctx: &Ctx,
     rows: Arc<Vec<Claimed>>,
