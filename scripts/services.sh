@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Bring up (idempotently) the services outboxd needs for development and tests:
 #   * a local PostgreSQL cluster (Debian packages) with role/database `outboxd`
-#   * FerretDB 1.24.2 (SQLite backend) on 127.0.0.1:27017, unless MONGODB_URL
-#     already points at a reachable MongoDB-compatible server.
+#   * FerretDB 1.24.2 on 127.0.0.1:27017, unless MONGODB_URL already points at
+#     a reachable MongoDB-compatible server. Its backend is PostgreSQL, in a
+#     cluster of its own (`ferretdb`, port 5433), whose tables get a GIN index
+#     on `_id` (see ensure_ferret_backend); SERVICES_FERRETDB_HANDLER=sqlite
+#     keeps the SQLite backend instead.
 #
 # Progress goes to stderr; stdout carries only eval-able lines:
 #   eval "$(scripts/services.sh)"        # or: eval "$(make -s services)"
@@ -29,6 +32,15 @@ FERRET_PORT="${SERVICES_FERRETDB_PORT:-27017}"   # override only to avoid a port
 FERRET_STATE="$STATE/ferretdb"
 FERRET_PIDFILE="$FERRET_STATE/ferretdb.pid"
 FERRET_LOG="$FERRET_STATE/ferretdb.log"
+FERRET_HANDLER="${SERVICES_FERRETDB_HANDLER:-postgresql}"   # postgresql | sqlite
+# FerretDB's PostgreSQL backend: a cluster of its own, so that the outbox's
+# cluster (the system of record) is measured, restarted and tuned alone.
+FERRET_PG_CLUSTER=ferretdb
+FERRET_PG_PORT="${SERVICES_FERRETDB_PG_PORT:-5433}"
+FERRET_PG_ROLE=ferretdb
+FERRET_PG_PASSWORD=ferretdb-local
+FERRET_PG_DB=ferretdb
+FERRET_PG_URL="postgres://$FERRET_PG_ROLE:$FERRET_PG_PASSWORD@127.0.0.1:$FERRET_PG_PORT/$FERRET_PG_DB"
 GO_MIN_MAJOR=1
 GO_MIN_MINOR=24
 
@@ -82,9 +94,10 @@ pg_version() {
     printf '%s' "$best"
 }
 
-# psql as the postgres superuser over the local socket.
+# psql as the postgres superuser over the local socket (PGSUPER_PORT picks
+# another cluster than the outbox's).
 pg_super() {
-    local -a cmd=(psql -X -q -v ON_ERROR_STOP=1 -h /var/run/postgresql -p "$PG_PORT" -d postgres "$@")
+    local -a cmd=(psql -X -q -v ON_ERROR_STOP=1 -h /var/run/postgresql -p "${PGSUPER_PORT:-$PG_PORT}" -d postgres "$@")
     if [ "$(id -u)" -eq 0 ]; then
         runuser -u postgres -- "${cmd[@]}"
     elif [ "$(id -un)" = postgres ]; then
@@ -248,6 +261,90 @@ SQL
     log "PostgreSQL ready: postgres://$PG_ROLE:***@127.0.0.1:$PG_PORT/$PG_DB"
 }
 
+# ------------------------------------------------- FerretDB's PostgreSQL backend
+
+# FerretDB 1.24's PostgreSQL backend finds a document by `_id` with
+# `_jsonb->'_id' @> $1`, which the btree index it creates cannot serve: every
+# update of an existing document would read the whole collection. An event
+# trigger gives each new collection table a GIN index on `_jsonb->'_id'`
+# (fastupdate off: a bulk insert would otherwise leave a pending list that
+# every lookup scans). It lives in template1 too, so databases that tests
+# create for private FerretDB instances have it.
+FERRET_PG_TRIGGER_SQL="
+CREATE OR REPLACE FUNCTION public.ferretdb_id_gin() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS \$f\$
+DECLARE r record;
+BEGIN
+    FOR r IN SELECT object_identity FROM pg_event_trigger_ddl_commands()
+             WHERE command_tag = 'CREATE TABLE' AND object_type = 'table'
+    LOOP
+        -- Not FerretDB's own metadata tables.
+        IF r.object_identity NOT LIKE '%._ferretdb_%' THEN
+            EXECUTE format('CREATE INDEX ON %s USING gin ((_jsonb -> %L)) WITH (fastupdate = off)',
+                           r.object_identity, '_id');
+        END IF;
+    END LOOP;
+END \$f\$;
+DO \$d\$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'ferretdb_id_gin') THEN
+        CREATE EVENT TRIGGER ferretdb_id_gin ON ddl_command_end WHEN TAG IN ('CREATE TABLE')
+            EXECUTE FUNCTION public.ferretdb_id_gin();
+    END IF;
+END \$d\$;"
+
+ferret_pg_cluster_port() { # VER -> port of the backend cluster, empty if absent
+    pg_lsclusters -h 2>/dev/null | awk -v v="$1" -v c="$FERRET_PG_CLUSTER" '$1 == v && $2 == c { print $3 }'
+}
+
+ensure_ferret_backend() {
+    local ver port log
+    ver="$(pg_version)"
+    log="/var/log/postgresql/postgresql-$ver-$FERRET_PG_CLUSTER.log"
+    port="$(ferret_pg_cluster_port "$ver")"
+    if [ -z "$port" ]; then
+        log "creating PostgreSQL $ver cluster '$FERRET_PG_CLUSTER' on port $FERRET_PG_PORT (FerretDB's backend)"
+        as_root pg_createcluster --port "$FERRET_PG_PORT" "$ver" "$FERRET_PG_CLUSTER" >&2 ||
+            die "pg_createcluster $ver $FERRET_PG_CLUSTER failed" "see the messages above"
+        # A test server: loopback only, and commits not waited on (as MongoDB's
+        # default journal interval); fsync stays on.
+        as_root pg_conftool "$ver" "$FERRET_PG_CLUSTER" set listen_addresses 127.0.0.1 >&2
+        as_root pg_conftool "$ver" "$FERRET_PG_CLUSTER" set synchronous_commit off >&2
+        as_root pg_conftool "$ver" "$FERRET_PG_CLUSTER" set max_connections 200 >&2
+        as_root pg_conftool "$ver" "$FERRET_PG_CLUSTER" set shared_buffers 256MB >&2
+        port="$FERRET_PG_PORT"
+    fi
+    [ "$port" = "$FERRET_PG_PORT" ] ||
+        die "PostgreSQL cluster $ver/$FERRET_PG_CLUSTER listens on port $port, not $FERRET_PG_PORT" \
+            "set SERVICES_FERRETDB_PG_PORT=$port, or drop it: pg_dropcluster --stop $ver $FERRET_PG_CLUSTER"
+    if ! pg_ctlcluster "$ver" "$FERRET_PG_CLUSTER" status >/dev/null 2>&1; then
+        log "starting PostgreSQL $ver/$FERRET_PG_CLUSTER"
+        as_root pg_ctlcluster "$ver" "$FERRET_PG_CLUSTER" start >&2 ||
+            die "could not start PostgreSQL $ver/$FERRET_PG_CLUSTER" "see $log"
+    fi
+    local i
+    for i in $(seq 1 60); do
+        pg_isready -q -h 127.0.0.1 -p "$FERRET_PG_PORT" 2>/dev/null && break
+        [ "$i" = 60 ] && die "PostgreSQL $ver/$FERRET_PG_CLUSTER did not accept connections within 30 s" "see $log"
+        sleep 0.5
+    done
+    PGSUPER_PORT="$FERRET_PG_PORT" pg_super <<SQL
+DO \$\$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$FERRET_PG_ROLE') THEN
+        CREATE ROLE $FERRET_PG_ROLE;
+    END IF;
+END
+\$\$;
+ALTER ROLE $FERRET_PG_ROLE WITH LOGIN CREATEDB PASSWORD '$FERRET_PG_PASSWORD';
+SQL
+    PGSUPER_PORT="$FERRET_PG_PORT" pg_super -d template1 -c "$FERRET_PG_TRIGGER_SQL"
+    if [ "$(PGSUPER_PORT="$FERRET_PG_PORT" pg_super -tAc "SELECT 1 FROM pg_database WHERE datname = '$FERRET_PG_DB'")" != 1 ]; then
+        PGSUPER_PORT="$FERRET_PG_PORT" pg_super -c "CREATE DATABASE $FERRET_PG_DB OWNER $FERRET_PG_ROLE"
+    fi
+    PGSUPER_PORT="$FERRET_PG_PORT" pg_super -d "$FERRET_PG_DB" -c "$FERRET_PG_TRIGGER_SQL"
+}
+
 # ------------------------------------------------------------------ FerretDB
 
 go_version_ok() { # prints the found version; succeeds if >= GO_MIN
@@ -334,6 +431,14 @@ ensure_ferretdb() {
     # The test suite starts private FerretDB instances (to stop them as a fault),
     # so the binary must exist even when some server already answers the port.
     ferret_bin_ok || build_ferretdb
+    [ "$FERRET_HANDLER" != postgresql ] || ensure_ferret_backend
+    # Ours, but on another backend (the SQLite one, before 2026-12): restart it.
+    local running
+    if ferret_pid >/dev/null && running="$(cat "$FERRET_STATE/handler" 2>/dev/null || echo sqlite)" &&
+        [ "$running" != "$FERRET_HANDLER" ]; then
+        log "the running FerretDB uses its $running backend; restarting it on $FERRET_HANDLER"
+        stop_ferretdb
+    fi
     if mongo_ping "$FERRET_HOST" "$FERRET_PORT"; then
         log "a MongoDB-compatible server already answers on $FERRET_HOST:$FERRET_PORT; not starting another"
         return 0
@@ -357,14 +462,19 @@ ensure_ferretdb() {
     mkdir -p "$FERRET_STATE/data" "$FERRET_STATE/state"
     local -a args=(
         --listen-addr="$FERRET_HOST:$FERRET_PORT"
-        --handler=sqlite
-        --sqlite-url="file:$FERRET_STATE/data/"
+        --handler="$FERRET_HANDLER"
         --state-dir="$FERRET_STATE/state"
         --telemetry=disable
         --debug-addr=-
         --log-level=warn
     )
-    log "starting FerretDB: $FERRET_BIN ${args[*]}"
+    case "$FERRET_HANDLER" in
+        postgresql) args+=(--postgresql-url="$FERRET_PG_URL") ;;
+        sqlite) args+=(--sqlite-url="file:$FERRET_STATE/data/") ;;
+        *) die "SERVICES_FERRETDB_HANDLER must be postgresql or sqlite, not '$FERRET_HANDLER'" ;;
+    esac
+    printf '%s\n' "$FERRET_HANDLER" >"$FERRET_STATE/handler"
+    log "starting FerretDB: $FERRET_BIN ${args[*]//:$FERRET_PG_PASSWORD@/:***@}"
     printf '\n==== %s starting FerretDB %s\n' "$(date -Is)" "$FERRET_VERSION" >>"$FERRET_LOG"
     # New session (setsid) so it survives make and the terminal; the inner shell
     # writes its own pid (== ferretdb's after exec) to the pidfile.
@@ -458,7 +568,7 @@ stop_ferretdb() {
         log "no FerretDB started by this project is running (pidfile $FERRET_PIDFILE)"
     fi
     rm -f "$FERRET_PIDFILE"
-    log "PostgreSQL is left running (stop it with: pg_ctlcluster <version> main stop)"
+    log "PostgreSQL is left running (stop it with: pg_ctlcluster <version> main stop; FerretDB's backend: pg_ctlcluster <version> $FERRET_PG_CLUSTER stop)"
 }
 
 status() {
@@ -489,6 +599,10 @@ up() {
     fi
     printf 'export DATABASE_URL=%q\n' "postgres://$PG_ROLE:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB"
     printf 'export MONGODB_URL=%q\n' "$MONGO_OUT"
+    # For the tests' private FerretDB instances: a database each on this cluster.
+    if [ "$FERRET_HANDLER" = postgresql ]; then
+        printf 'export FERRETDB_POSTGRESQL_URL=%q\n' "$FERRET_PG_URL"
+    fi
 }
 
 case "${1:-up}" in

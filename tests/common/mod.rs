@@ -397,11 +397,32 @@ impl Drop for Proc {
     }
 }
 
-/// A private FerretDB on its own port and SQLite directory, for tests that stop it.
+/// A private FerretDB on its own port, for tests that stop it. Its backend is
+/// the services' (`make services`): a PostgreSQL database of its own on
+/// FerretDB's cluster when `FERRETDB_POSTGRESQL_URL` is set, else SQLite in a
+/// temporary directory.
 pub struct Ferret {
     pub port: u16,
     dir: tempfile::TempDir,
+    /// The backend database's URL, when on PostgreSQL.
+    backend: Option<String>,
     child: Option<Child>,
+}
+
+/// Runs `sql` on the `postgres` database of the cluster that `url` names.
+async fn ferret_backend_admin(url: &str, sql: &str) {
+    let admin = with_database(url, "postgres");
+    check_loopback("FERRETDB_POSTGRESQL_URL", &admin).unwrap_or_else(|e| panic!("{e}"));
+    let (client, conn) = tokio_postgres::connect(&admin, NoTls)
+        .await
+        .expect("FerretDB's PostgreSQL backend reachable");
+    let handle = tokio::spawn(conn);
+    client
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("on FerretDB's backend cluster: {e}"));
+    drop(client);
+    let _ = handle.await;
 }
 
 pub fn ferretdb_bin() -> PathBuf {
@@ -411,9 +432,22 @@ pub fn ferretdb_bin() -> PathBuf {
 impl Ferret {
     pub async fn start() -> Ferret {
         let port = free_port();
+        let backend = match std::env::var("FERRETDB_POSTGRESQL_URL") {
+            Ok(url) => {
+                let name = format!(
+                    "ferret_{}_{port}_{:08x}",
+                    std::process::id(),
+                    fastrand::u32(..)
+                );
+                ferret_backend_admin(&url, &format!("CREATE DATABASE {name}")).await;
+                Some(with_database(&url, &name))
+            }
+            Err(_) => None,
+        };
         let mut ferret = Ferret {
             port,
             dir: tempfile::tempdir().unwrap(),
+            backend,
             child: None,
         };
         ferret.resume().await;
@@ -429,10 +463,17 @@ impl Ferret {
         let state = self.dir.path().join("state");
         std::fs::create_dir_all(&data).unwrap();
         std::fs::create_dir_all(&state).unwrap();
-        let child = Command::new(ferretdb_bin())
+        let mut command = Command::new(ferretdb_bin());
+        match &self.backend {
+            Some(url) => command
+                .arg("--handler=postgresql")
+                .arg(format!("--postgresql-url={url}")),
+            None => command
+                .arg("--handler=sqlite")
+                .arg(format!("--sqlite-url=file:{}/", data.display())),
+        };
+        let child = command
             .arg(format!("--listen-addr=127.0.0.1:{}", self.port))
-            .arg("--handler=sqlite")
-            .arg(format!("--sqlite-url=file:{}/", data.display()))
             .arg(format!("--state-dir={}", state.display()))
             .arg("--telemetry=disable")
             .arg("--debug-addr=-")
@@ -473,6 +514,22 @@ impl Ferret {
 impl Drop for Ferret {
     fn drop(&mut self) {
         self.stop();
+        let Some(url) = self.backend.take() else {
+            return;
+        };
+        // As TestEnv's drop: a runtime of our own, the test's being blocked here.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let name = url.rsplit('/').next().unwrap_or_default().to_owned();
+            rt.block_on(ferret_backend_admin(
+                &url,
+                &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            ));
+        })
+        .join();
     }
 }
 
