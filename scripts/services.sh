@@ -579,8 +579,11 @@ status() {
     else
         log "PostgreSQL: not running on 127.0.0.1:$PG_PORT"
     fi
+    if pg_isready -q -h 127.0.0.1 -p "$FERRET_PG_PORT" 2>/dev/null; then
+        log "FerretDB's PostgreSQL backend ($FERRET_PG_CLUSTER): accepting connections on 127.0.0.1:$FERRET_PG_PORT"
+    fi
     if mongo_ping "$FERRET_HOST" "$FERRET_PORT"; then
-        log "MongoDB-compatible server on $FERRET_HOST:$FERRET_PORT: answering (FerretDB pid $(ferret_pid || echo '-'))"
+        log "MongoDB-compatible server on $FERRET_HOST:$FERRET_PORT: answering (FerretDB pid $(ferret_pid || echo '-'), backend $(cat "$FERRET_STATE/handler" 2>/dev/null || echo '?'))"
     else
         log "MongoDB-compatible server on $FERRET_HOST:$FERRET_PORT: not answering"
     fi
