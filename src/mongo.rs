@@ -1,8 +1,9 @@
 //! The MongoDB sink: one document per aggregate, written only forwards.
 //!
-//! A batch goes first as one unordered insert: a new aggregate's document is
-//! written at once. For the ids that already exist (11000), a guarded upsert
-//! follows, `{_id: agg, outbox_id: {$not: {$gte: m}}}` with `$set` (`$lt` would
+//! A batch's aggregates that PostgreSQL has not synced before go first as one
+//! unordered insert: a new aggregate's document is written at once. The others
+//! (`Claimed::known`), and the ids the insert finds existing (11000), take a
+//! guarded upsert, `{_id: agg, outbox_id: {$not: {$gte: m}}}` with `$set` (`$lt` would
 //! never match a document without a numeric `outbox_id`). No match on an existing
 //! document means it is already at m or newer; the upsert's insert then fails with
 //! duplicate key 11000, which counts as success. Only insert, update/upsert,
@@ -204,6 +205,7 @@ impl Sink {
                     let write = Write {
                         id: row.id,
                         aggregate_id: row.aggregate_id.clone(),
+                        known: row.known,
                         doc,
                     };
                     match newest.entry(&row.aggregate_id) {
@@ -243,8 +245,12 @@ impl Sink {
         }
         // Aggregates seen for the first time are created by one insert; an
         // existing `_id` answers 11000 and takes the guarded update. An insert
-        // never overwrites, so it cannot move a document backwards.
-        let (mut by_aggregate, existing) = self.insert_new(writes, &start_by).await;
+        // never overwrites, so it cannot move a document backwards. Known
+        // aggregates skip it: on FerretDB a failed insert costs about as much
+        // as the update that follows it.
+        let (known, new): (Vec<_>, Vec<_>) = writes.into_iter().partition(|(w, _)| w.known);
+        let (mut by_aggregate, mut existing) = self.insert_new(new, &start_by).await;
+        existing.extend(known.into_iter().map(|(w, _)| w));
         by_aggregate.extend(too_large);
         // One single-statement command per aggregate, `concurrency` at a time:
         // FerretDB runs a multi-statement update command far slower than the
@@ -458,6 +464,8 @@ fn rejected(code: i32, message: &str) -> Outcome {
 struct Write {
     id: i64,
     aggregate_id: String,
+    /// `Claimed::known`: no insert is tried first.
+    known: bool,
     doc: Document,
 }
 

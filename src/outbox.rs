@@ -146,12 +146,16 @@ pub struct Claimed {
     pub created_at: DateTime<Utc>,
     pub ticket_id: i64,
     pub webhook_id: String,
+    /// A message of this aggregate was synced before: its document most likely
+    /// exists, so the sink updates it without trying an insert first.
+    pub known: bool,
 }
 
 impl Claimed {
     /// From a row whose first ten columns are, in order: id, operation,
     /// aggregate_id, payload, email_id, idempotency_key, attempts, created_at,
-    /// ticket_id, webhook_id (as `claim` returns them).
+    /// ticket_id, webhook_id (as `claim` returns them), and, if present, the
+    /// twelfth `known` (the eleventh is the claim's lease).
     pub fn from_row(r: &tokio_postgres::Row) -> Claimed {
         Claimed {
             id: r.get(0),
@@ -167,6 +171,7 @@ impl Claimed {
             created_at: r.get(7),
             ticket_id: r.get(8),
             webhook_id: r.get(9),
+            known: r.len() > 11 && r.get::<_, bool>(11),
         }
     }
 }
@@ -217,7 +222,10 @@ pub const CLAIM: &str = "
         -- count the planner guesses for `due`.
         WHERE o.id = ANY(ARRAY(SELECT id FROM due)) AND e.id = o.email_id
         RETURNING o.id, o.operation, o.aggregate_id, o.payload, o.email_id, o.idempotency_key,
-                  o.attempts, o.created_at, e.ticket_id, e.webhook_id, o.locked_until";
+                  o.attempts, o.created_at, e.ticket_id, e.webhook_id, o.locked_until,
+                  -- Claimed::known: the sink skips the insert it would try first.
+                  EXISTS (SELECT 1 FROM outbox_messages p
+                          WHERE p.aggregate_id = o.aggregate_id AND p.status = 'synced') AS known";
 
 /// Claims up to `limit` due pending rows, skipping rows other relays hold: first
 /// the retries that are due, in the order they came due

@@ -1156,6 +1156,7 @@ async fn guarded_upsert_race() {
                         created_at: chrono::Utc::now(),
                         ticket_id: id,
                         webhook_id: format!("w{id}"),
+                        known: false,
                     };
                     let far = std::time::Instant::now() + Duration::from_secs(3600);
                     let outcome = sink.apply(std::slice::from_ref(&row), 1, far).await;

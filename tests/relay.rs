@@ -79,6 +79,7 @@ fn claimed(id: i64, aggregate: &str, amount: &str) -> Claimed {
         created_at: chrono::Utc::now(),
         ticket_id: 1,
         webhook_id: format!("w{id}"),
+        known: false,
     }
 }
 
