@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -272,6 +272,56 @@ pub fn proc_cpu_s(pid: i32) -> Option<f64> {
     Some((utime + stime) / clock_ticks())
 }
 
+/// The parent pid of a process, from /proc/PID/stat.
+fn parent_pid(pid: i32) -> Option<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    text[text.rfind(')')? + 2..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The postmaster of the cluster `client` is connected to: its backend's parent.
+pub async fn postmaster_pid(client: &tokio_postgres::Client) -> anyhow::Result<i32> {
+    let backend: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await?
+        .get(0);
+    parent_pid(backend).with_context(|| {
+        format!(
+            "cannot read the parent of PostgreSQL backend {backend} (is the server on this host?)"
+        )
+    })
+}
+
+/// CPU seconds used so far by a PostgreSQL cluster: the postmaster, its children
+/// that exited (reaped, so in its children's time), and those alive now. Two
+/// readings' difference is the cluster's CPU in between, whichever backends
+/// came and went.
+pub fn cluster_cpu_s(postmaster: i32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{postmaster}/stat")).ok()?;
+    let fields: Vec<&str> = text[text.rfind(')')? + 2..].split_whitespace().collect();
+    let ticks: f64 = fields[11..15]
+        .iter()
+        .map(|f| f.parse::<f64>().unwrap_or(0.0))
+        .sum();
+    let mut total = ticks / clock_ticks();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if parent_pid(pid) == Some(postmaster) {
+            total += proc_cpu_s(pid).unwrap_or(0.0);
+        }
+    }
+    Some(total)
+}
+
 fn rusage_s(who: libc::c_int) -> f64 {
     // SAFETY: getrusage writes into the zeroed struct we pass.
     unsafe {
@@ -380,6 +430,19 @@ pub fn webhook_body(r: u64) -> String {
     )
 }
 
+/// `webhook_body(r)`, but for the aggregate `{client}/{creditor_reference}`.
+pub fn webhook_body_for(r: u64, client: &str, creditor_reference: &str) -> String {
+    webhook_body(r)
+        .replace(
+            &format!(r#""client_reference":"MP-{r}""#),
+            &format!(r#""client_reference":"{client}""#),
+        )
+        .replace(
+            r#""creditor_reference":"K-99812""#,
+            &format!(r#""creditor_reference":"{creditor_reference}""#),
+        )
+}
+
 /// A random event number; the same range pgbench draws from.
 pub fn event_number() -> u64 {
     fastrand::u64(1..=9_000_000_000_000_000_000)
@@ -445,6 +508,9 @@ impl Load {
     }
 }
 
+/// Makes the body of each webhook a load run posts.
+pub type Bodies = Arc<dyn Fn() -> String + Send + Sync>;
+
 /// Posts distinct signed webhooks over `conns` kept-alive connections for `duration`.
 /// `rate: None` is a closed loop (each connection sends as soon as it has its answer);
 /// `Some(r)` is an open loop at `r` requests/s in total, on a fixed schedule.
@@ -454,6 +520,24 @@ pub async fn run_load(
     duration: Duration,
     rate: Option<f64>,
 ) -> anyhow::Result<Load> {
+    run_load_with(
+        addr,
+        conns,
+        duration,
+        rate,
+        Arc::new(|| webhook_body(event_number())),
+    )
+    .await
+}
+
+/// `run_load` with webhooks made by `bodies`.
+pub async fn run_load_with(
+    addr: SocketAddr,
+    conns: usize,
+    duration: Duration,
+    rate: Option<f64>,
+    bodies: Bodies,
+) -> anyhow::Result<Load> {
     let mut senders = Vec::with_capacity(conns);
     for _ in 0..conns {
         senders.push(connect(addr).await?);
@@ -462,6 +546,7 @@ pub async fn run_load(
     let end = started + duration;
     let mut tasks = tokio::task::JoinSet::new();
     for (k, mut sender) in senders.into_iter().enumerate() {
+        let bodies = bodies.clone();
         tasks.spawn(async move {
             let mut load = Load::default();
             // Open loop: connection k sends requests k, k + conns, k + 2·conns, ...
@@ -481,7 +566,7 @@ pub async fn run_load(
                     break;
                 }
                 let t0 = Instant::now();
-                match post(&mut sender, webhook_body(event_number())).await {
+                match post(&mut sender, bodies()).await {
                     Ok(202) => {
                         load.accepted += 1;
                         load.latencies_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
