@@ -969,7 +969,7 @@ async fn relay_drain(
         let mut env = ctx.child_env(db, &mongo);
         env.extend(setting.env());
         let postmaster = support::postmaster_pid(&client).await?;
-        let pg_cpu0 = support::cluster_cpu_s(postmaster);
+        let pg_cpu0 = support::PgCpu::read(postmaster, db);
         let t0 = Utc::now();
         let clock = Instant::now();
         let mut relays = Vec::new();
@@ -1012,9 +1012,7 @@ async fn relay_drain(
             .await?
             .get(0);
         let secs = (last - t0).num_microseconds().unwrap_or(0) as f64 / 1e6;
-        let pg_cpu_s = support::cluster_cpu_s(postmaster)
-            .zip(pg_cpu0)
-            .map(|(b, a)| b - a);
+        let pg_cpu_s = Some(support::PgCpu::read(postmaster, db).since(&pg_cpu0));
         let rss_kib: Vec<u64> = relays.iter().filter_map(Proc::peak_rss_kib).collect();
         let relay_cpu_s: f64 = relays.iter().filter_map(Proc::cpu_s).sum();
         for r in &mut relays {

@@ -99,11 +99,9 @@ pub async fn phase_peers(ctx: &Ctx, plan: &Plan, report: &mut Report) -> anyhow:
                 run(peer, "load", &args, &log(&format!("load-{n}"))).await?;
                 let client = ctx.pg(&db).await?;
                 let postmaster = support::postmaster_pid(&client).await?;
-                let cpu0 = support::cluster_cpu_s(postmaster);
+                let cpu0 = support::PgCpu::read(postmaster, &db);
                 let out = run(peer, "drain", &args, &log(&format!("drain-{n}"))).await?;
-                let cpu = support::cluster_cpu_s(postmaster)
-                    .zip(cpu0)
-                    .map(|(b, a)| b - a);
+                let cpu = Some(support::PgCpu::read(postmaster, &db).since(&cpu0));
                 let docs = ctx
                     .mongo
                     .database(&mongo)

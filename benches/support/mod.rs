@@ -295,31 +295,57 @@ pub async fn postmaster_pid(client: &tokio_postgres::Client) -> anyhow::Result<i
     })
 }
 
-/// CPU seconds used so far by a PostgreSQL cluster: the postmaster, its children
-/// that exited (reaped, so in its children's time), and those alive now. Two
-/// readings' difference is the cluster's CPU in between, whichever backends
-/// came and went.
-pub fn cluster_cpu_s(postmaster: i32) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{postmaster}/stat")).ok()?;
-    let fields: Vec<&str> = text[text.rfind(')')? + 2..].split_whitespace().collect();
-    let ticks: f64 = fields[11..15]
-        .iter()
-        .map(|f| f.parse::<f64>().unwrap_or(0.0))
-        .sum();
-    let mut total = ticks / clock_ticks();
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
+/// CPU seconds so far of the PostgreSQL processes that work for one database:
+/// its backends and autovacuum workers, and the cluster's own background
+/// processes (WAL writer, checkpointer, background writer), by pid. Backends
+/// of other databases, such as other tenants' tests, are left out.
+pub struct PgCpu(std::collections::HashMap<i32, f64>);
+
+impl PgCpu {
+    /// Reads the children of `postmaster` that work for `db`.
+    pub fn read(postmaster: i32, db: &str) -> PgCpu {
+        let mut by_pid = std::collections::HashMap::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return PgCpu(by_pid);
         };
-        if parent_pid(pid) == Some(postmaster) {
-            total += proc_cpu_s(pid).unwrap_or(0.0);
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            if parent_pid(pid) != Some(postmaster) {
+                continue;
+            }
+            let title = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let title = String::from_utf8_lossy(&title).replace('\0', " ");
+            // "postgres: 15/main: USER DB HOST(PORT) STATE", "…: autovacuum worker DB",
+            // or a background process: "…: walwriter".
+            let what = title.splitn(3, ": ").nth(2).unwrap_or_default();
+            let words: Vec<&str> = what.split_whitespace().collect();
+            let mine = match words.as_slice() {
+                ["autovacuum", "worker", d, ..] => *d == db,
+                ["walwriter", ..] | ["checkpointer", ..] | ["background", "writer", ..] => true,
+                [_, d, host, ..] if host.contains('(') => *d == db,
+                _ => false,
+            };
+            if mine && let Some(cpu) = proc_cpu_s(pid) {
+                by_pid.insert(pid, cpu);
+            }
         }
+        PgCpu(by_pid)
     }
-    Some(total)
+
+    /// CPU seconds since `earlier`. A backend that exited in between is lost
+    /// (the relays and peers keep their connections for the whole drain).
+    pub fn since(&self, earlier: &PgCpu) -> f64 {
+        self.0
+            .iter()
+            .map(|(pid, cpu)| cpu - earlier.0.get(pid).copied().unwrap_or(0.0))
+            .sum()
+    }
 }
 
 fn rusage_s(who: libc::c_int) -> f64 {
