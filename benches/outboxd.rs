@@ -143,7 +143,7 @@ impl Plan {
                 drain_rows: 100_000,
                 relay_counts: vec![1, 2, 4],
                 drain_pairs: 3,
-                tune_rows: 20_000,
+                tune_rows: 10_000,
                 tune_candidates: 9,
                 lag_secs: 30.0,
                 lag_relays: 1,
@@ -1216,8 +1216,8 @@ async fn phase_drain(ctx: &Ctx, plan: &Plan, report: &mut Report) -> anyhow::Res
             .into_iter()
             .take(plan.tune_candidates)
         {
-            let db = backlog_db(ctx, "tune", plan.tune_rows).await?;
-            let target = Target::empty(plan.tune_rows);
+            // On the real workload: updates of existing documents.
+            let (db, target) = update::backlog_db(ctx, plan, plan.tune_rows).await?;
             let run = relay_drain(ctx, &db, plan.tune_rows, s, 1, "tune", target).await;
             ctx.drop_db(&db).await;
             let run = run?;
@@ -1314,7 +1314,7 @@ async fn phase_drain(ctx: &Ctx, plan: &Plan, report: &mut Report) -> anyhow::Res
             "pairs": plan.drain_pairs,
             "setting": setting.json(),
             "setting_env": setting.env().iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
-            "setting_chosen_by": if fixed { "BENCH_RELAY_* variables" } else if plan.tune_rows > 0 { "sweep (1 relay, best rows/s)" } else { "src/config.rs defaults" },
+            "setting_chosen_by": if fixed { "BENCH_RELAY_* variables" } else if plan.tune_rows > 0 { "sweep (1 relay, best rows/s on the update workload)" } else { "src/config.rs defaults" },
             "sweep": sweep,
             "runs": runs,
             "mongo_raw_rps_is": format!("the raw loop at the concurrency of the relay count with the best ratio ({best_procs})"),

@@ -208,11 +208,12 @@ pub async fn check_newest(ctx: &Ctx, mongo: &str, newest: &Newest) -> anyhow::Re
     Ok(())
 }
 
-/// A database with the update backlog, and the documents its collection ends with.
-async fn backlog_db(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(String, Target)> {
+/// A database with `rows` of the update backlog, and the documents its
+/// collection ends with.
+pub async fn backlog_db(ctx: &Ctx, plan: &Plan, rows: i64) -> anyhow::Result<(String, Target)> {
     let db = ctx.fresh_db("update").await?;
     let client = ctx.pg(&db).await?;
-    let docs = insert_backlog(&client, plan.update_docs, plan.update_rows).await?;
+    let docs = insert_backlog(&client, plan.update_docs, rows).await?;
     let target = Target {
         preload: plan.update_docs,
         docs,
@@ -222,7 +223,7 @@ async fn backlog_db(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(String, Target)> 
 
 /// The update workload's rows in their claimed form, for the raw loop and the peers.
 pub async fn workload(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(Arc<Vec<Claimed>>, Target)> {
-    let (db, target) = backlog_db(ctx, plan).await?;
+    let (db, target) = backlog_db(ctx, plan, plan.update_rows).await?;
     let rows = load_rows(ctx, &db).await;
     ctx.drop_db(&db).await;
     Ok((Arc::new(rows?), target))
@@ -250,7 +251,7 @@ pub async fn phase_update(
     let mut runs = Vec::new();
     for round in 0..plan.drain_pairs {
         for (i, &procs) in plan.relay_counts.iter().enumerate() {
-            let (db, _) = backlog_db(ctx, plan).await?;
+            let (db, _) = backlog_db(ctx, plan, plan.update_rows).await?;
             let run = relay_drain(ctx, &db, plan.update_rows, setting, procs, "upd", target).await;
             ctx.drop_db(&db).await;
             let run = run?;
