@@ -5,7 +5,8 @@ and stores each message it accepts as DIR/NNNNNN.eml (written, then renamed).
 If DIR/.delay holds a number, each DATA answer waits that many seconds after
 the message is stored (a server that received the mail but stalls before it
 says so: a client killed meanwhile has sent it without knowing); if
-DIR/.refuse exists, DATA answers 451 (a server that is up but fails sends).
+DIR/.refuse exists, DATA answers 451 (a server that is up but fails sends);
+if DIR/.reject exists, 550 (the mail refused for good).
 Usage: smtp-sink.py PORT DIR
 """
 import asyncio
@@ -24,6 +25,8 @@ class Store:
         self.seq = itertools.count(max(stored, default=0) + 1)
 
     async def handle_DATA(self, server, session, envelope):
+        if os.path.exists(os.path.join(self.dir, ".reject")):
+            return "550 5.7.1 rejected for the test"
         if os.path.exists(os.path.join(self.dir, ".refuse")):
             return "451 4.3.0 refusing for the test"
         n = next(self.seq)

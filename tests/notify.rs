@@ -371,3 +371,119 @@ async fn a_write_whose_mark_was_lost_still_mails_but_an_already_newer_one_does_n
         "apply keeps its answer"
     );
 }
+
+/// Runs an `outboxd` command with `vars`; answers its exit code and output.
+fn outboxd(args: &[&str], vars: &[(String, String)]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(args)
+        .envs(vars.iter().cloned())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test]
+async fn a_refused_mail_fails_shows_in_status_and_retry_sends_it() {
+    let env = TestEnv::new().await;
+    let sink = SmtpSink::start().await;
+    let (_dir, vars) = notify_file(&env, &sink, "");
+    sink.set_reject(true);
+    let mut relay = relay(&vars, "notify-refused");
+    let id = message(&env, 7, "K-7", "Bank", "5").await;
+    let failed = eventually(Duration::from_secs(30), || async {
+        env.count("SELECT count(*) FROM outbox_notifications WHERE status = 'failed'")
+            .await
+            == 1
+    })
+    .await;
+    assert!(failed, "{}", relay.log_text());
+    let error: String = env
+        .pg()
+        .await
+        .query_one(
+            "SELECT last_error FROM outbox_notifications WHERE outbox_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(error.contains("550"), "{error}");
+    // A 5xx is final at once: one attempt.
+    assert_eq!(
+        env.count("SELECT attempts::bigint FROM outbox_notifications")
+            .await,
+        1
+    );
+
+    let (code, out) = outboxd(&["status", "--json"], &vars);
+    assert_eq!(code, 2, "{out}");
+    let s: serde_json::Value = serde_json::from_str(&out[..out.rfind('}').unwrap() + 1]).unwrap();
+    assert_eq!(s["notifications"]["failed"], 1, "{s}");
+    assert_eq!(s["counts"]["synced"], 1, "{s}");
+    let (code, out) = outboxd(&["status"], &vars);
+    assert!(
+        out.contains("notifications   pending 0  processing 0  sent 0  failed 1"),
+        "{code} {out}"
+    );
+
+    let (code, out) = outboxd(&["retry", "--notification-id", "999999"], &vars);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("notification 999999 is not failed"), "{out}");
+    sink.set_reject(false);
+    let (code, out) = outboxd(&["retry", "--notifications"], &vars);
+    assert_eq!((code, out.trim()), (0, "requeued 1 failed notification"));
+    assert!(
+        wait_mails(&sink, 1, Duration::from_secs(30)).await,
+        "{}",
+        relay.log_text()
+    );
+    assert_eq!(
+        sink.mails()[0].header("Message-ID"),
+        Some(message_id(id).as_str())
+    );
+    let sent = eventually(Duration::from_secs(10), || async {
+        env.count("SELECT count(*) FROM outbox_notifications WHERE status = 'sent'")
+            .await
+            == 1
+    })
+    .await;
+    assert!(sent);
+    let (code, out) = outboxd(&["status", "--json"], &vars);
+    assert_eq!(code, 0, "{out}");
+    relay.signal("TERM");
+    assert!(relay.wait_timeout(Duration::from_secs(20)).is_some());
+}
+
+#[tokio::test]
+async fn a_bad_notify_config_stops_the_relay_at_start_without_showing_secrets() {
+    let env = TestEnv::new().await;
+    let sink = SmtpSink::start().await;
+    for (key, value, named) in [
+        ("SUBJECT", "{{ creditorr }}", "notify.subject"),
+        ("BODY", "{% if %}", "notify.body"),
+        ("FROM", "not an address", "notify.from"),
+        ("TO", "[]", "notify.to"),
+    ] {
+        let (_dir, mut vars) = notify_file(&env, &sink, "");
+        vars.push((format!("OUTBOXD__NOTIFY__{key}"), value.into()));
+        let (code, out) = outboxd(&["relay", "--id", "bad"], &vars);
+        assert_eq!(code, 78, "{key}: {out}");
+        assert!(out.contains(named), "{key}: {out}");
+    }
+    let (_dir, mut vars) = notify_file(&env, &sink, "");
+    vars.push((
+        "OUTBOXD__NOTIFY__SMTP_URL".into(),
+        "smtq://user:hunter2-never-shown@127.0.0.1:1".into(),
+    ));
+    let (code, out) = outboxd(&["relay", "--id", "bad"], &vars);
+    assert_eq!(code, 78, "{out}");
+    assert!(
+        out.contains("notify.smtp_url") && !out.contains("hunter2"),
+        "{out}"
+    );
+}

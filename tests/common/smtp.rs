@@ -93,6 +93,16 @@ impl SmtpSink {
         std::fs::write(self.dir.path().join(".delay"), seconds.to_string()).unwrap();
     }
 
+    /// Whether DATA is answered 550, refusing each mail for good.
+    pub fn set_reject(&self, reject: bool) {
+        let path = self.dir.path().join(".reject");
+        if reject {
+            std::fs::write(path, "").unwrap();
+        } else {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
     /// The mails received so far, in order.
     pub fn mails(&self) -> Vec<Mail> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
