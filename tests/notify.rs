@@ -487,3 +487,50 @@ async fn a_bad_notify_config_stops_the_relay_at_start_without_showing_secrets() 
         "{out}"
     );
 }
+
+#[tokio::test]
+async fn sigterm_mid_send_finishes_the_send_and_gives_the_rest_back() {
+    let env = TestEnv::new().await;
+    let sink = SmtpSink::start().await;
+    let (_dir, vars) = notify_file(&env, &sink, "concurrency = 1\n");
+    sink.set_delay(2.0);
+    let mut first = relay(&vars, "notify-term-1");
+    let ids = env.seed(3, 3).await;
+    assert!(
+        wait_mails(&sink, 1, Duration::from_secs(30)).await,
+        "{}",
+        first.log_text()
+    );
+    first.signal("TERM");
+    let status = first.wait_timeout(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}: {}",
+        first.log_text()
+    );
+    // The send in flight was answered and marked; none is left held.
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox_notifications WHERE status = 'processing'")
+            .await,
+        0
+    );
+    assert!(
+        env.count("SELECT count(*) FROM outbox_notifications WHERE status = 'sent'")
+            .await
+            >= 1
+    );
+    sink.set_delay(0.0);
+    let second = relay(&vars, "notify-term-2");
+    assert!(
+        wait_mails(&sink, ids.len(), Duration::from_secs(30)).await,
+        "{}",
+        second.log_text()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let seen = by_message_id(&sink.mails());
+    assert_eq!(seen.len(), ids.len(), "{seen:?}");
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "no duplicate after a clean stop: {seen:?}"
+    );
+}

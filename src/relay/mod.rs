@@ -101,7 +101,6 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     tasks.spawn(rescue(shared.clone(), background.clone()));
     tasks.spawn(housekeeping(shared.clone(), background.clone()));
     if let Some(sender) = &sender {
-        tasks.spawn(sender.clone().run(background.clone()));
         tasks.spawn(rescue_notifications(
             shared.clone(),
             sender.clone(),
@@ -132,6 +131,11 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
                 panicked.cancel();
             }
         });
+    }
+    // The sender stops with the workers: on SIGTERM it starts no more sends,
+    // gives back the rest, and finishes and marks the sends in flight.
+    if let Some(sender) = &sender {
+        workers.spawn(sender.clone().run(shutdown.clone()));
     }
     workers.close();
     tracing::info!(relay_id = %relay_id, workers = config.relay.workers, "relay started");
