@@ -346,6 +346,18 @@ pub async fn extend_lease(
     Ok(rows.first().map(|r| r.get(0)))
 }
 
+/// The next attempt of a row that failed `attempts` times, as SQL: `now +
+/// min(cap, base·2^attempts)` with equal jitter, `$7` the base and `$8` the cap
+/// in ms. Shared by the outbox and the notifications (`notify::store`).
+#[macro_export]
+macro_rules! backoff_sql {
+    () => {
+        // Capped exponent: 2^1024 overflows float8, and 2^60 times even 1 ms outlasts any cap.
+        "now() + least($8::float8, $7::float8 * power(2, least(attempts, 60)))
+         * (0.5 + random() / 2) * interval '1 millisecond'"
+    };
+}
+
 /// Records a failed attempt on held rows: back to `pending` at
 /// `now + min(cap, base·2^attempts)` with equal jitter, or `failed` (and the e-mail
 /// with it) when `permanent` or out of attempts. Returns `(id, status)` per row moved.
@@ -361,21 +373,23 @@ pub async fn mark_attempt_failed(
     base_ms: f64,
     cap_ms: f64,
 ) -> Result<Vec<(i64, String)>, Error> {
-    const SQL: &str = "
+    const SQL: &str = concat!(
+        "
         WITH moved AS (
             UPDATE outbox_messages
             SET attempts = attempts + 1,
                 status = CASE WHEN $5 OR attempts + 1 >= $6 THEN 'failed' ELSE 'pending' END,
-                -- Capped exponent: 2^1024 overflows float8, and 2^60 times even 1 ms outlasts any cap.
-                next_attempt_at = now() + least($8::float8, $7::float8 * power(2, least(attempts, 60)))
-                                  * (0.5 + random() / 2) * interval '1 millisecond',
+                next_attempt_at = ",
+        crate::backoff_sql!(),
+        ",
                 last_error = $4, locked_by = NULL, locked_until = NULL, updated_at = now()
             WHERE id = ANY($1) AND status = 'processing' AND locked_by = $2 AND locked_until = $3
             RETURNING id, email_id, status),
         emails AS (
             UPDATE incoming_emails SET sync_status = 'failed'
             WHERE id IN (SELECT email_id FROM moved WHERE status = 'failed'))
-        SELECT id, status FROM moved";
+        SELECT id, status FROM moved"
+    );
     let stmt = client.prepare_cached(SQL).await?;
     let rows = client
         .query(

@@ -135,15 +135,18 @@ pub async fn mark_attempt_failed(
     base_ms: f64,
     cap_ms: f64,
 ) -> Result<Vec<(i64, String)>, Error> {
-    const SQL: &str = "
+    const SQL: &str = concat!(
+        "
         UPDATE outbox_notifications
         SET attempts = attempts + 1,
             status = CASE WHEN $5 OR attempts + 1 >= $6 THEN 'failed' ELSE 'pending' END,
-            next_attempt_at = now() + least($8::float8, $7::float8 * power(2, least(attempts, 60)))
-                              * (0.5 + random() / 2) * interval '1 millisecond',
+            next_attempt_at = ",
+        crate::backoff_sql!(),
+        ",
             last_error = $4, locked_by = NULL, locked_until = NULL, updated_at = now()
         WHERE outbox_id = ANY($1) AND status = 'processing' AND locked_by = $2 AND locked_until = $3
-        RETURNING outbox_id, status";
+        RETURNING outbox_id, status"
+    );
     let stmt = client.prepare_cached(SQL).await?;
     let rows = client
         .query(
