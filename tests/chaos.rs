@@ -833,18 +833,17 @@ async fn chaos_campaign() {
     }
     guard.abort();
 
-    // Drain.
+    // Drain: the outbox, then every notification owed.
+    let zero_within = |sql: &'static str| {
+        let pg_url = pg_url.clone();
+        common::eventually(Duration::from_secs(profile.drain_timeout_s), move || {
+            let url = pg_url.clone();
+            async move { Pg::new(&url).count(sql).await == Some(0) }
+        })
+    };
     let drain_started = Instant::now();
-    let drained = common::eventually(Duration::from_secs(profile.drain_timeout_s), || {
-        let url = pg_url.clone();
-        async move {
-            Pg::new(&url)
-                .count("SELECT count(*) FROM outbox_messages WHERE status <> 'synced'")
-                .await
-                == Some(0)
-        }
-    })
-    .await;
+    let drained =
+        zero_within("SELECT count(*) FROM outbox_messages WHERE status <> 'synced'").await;
     let drain_s = drain_started.elapsed().as_secs_f64();
     if !drained {
         notes.push(format!(
@@ -852,17 +851,8 @@ async fn chaos_campaign() {
             profile.drain_timeout_s
         ));
     }
-    // Then every notification owed is sent.
-    let mails_drained = common::eventually(Duration::from_secs(profile.drain_timeout_s), || {
-        let url = pg_url.clone();
-        async move {
-            Pg::new(&url)
-                .count("SELECT count(*) FROM outbox_notifications WHERE status <> 'sent'")
-                .await
-                == Some(0)
-        }
-    })
-    .await;
+    let mails_drained =
+        zero_within("SELECT count(*) FROM outbox_notifications WHERE status <> 'sent'").await;
     if !mails_drained {
         notes.push("the notifications did not drain".into());
     }
