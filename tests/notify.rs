@@ -475,6 +475,25 @@ async fn a_bad_notify_config_stops_the_relay_at_start_without_showing_secrets() 
         assert_eq!(code, 78, "{key}: {out}");
         assert!(out.contains(named), "{key}: {out}");
     }
+    // A password file that cannot be read, or one for a URL naming no user.
+    let password = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(password.path(), "pw-never-shown\n").unwrap();
+    for (file, named) in [
+        (
+            "/nonexistent/smtp-password".to_owned(),
+            "notify.smtp_password_file",
+        ),
+        (password.path().display().to_string(), "names no user"),
+    ] {
+        let (_dir, mut vars) = notify_file(&env, &sink, "");
+        vars.push(("OUTBOXD__NOTIFY__SMTP_PASSWORD_FILE".into(), file));
+        let (code, out) = outboxd(&["relay", "--id", "bad"], &vars);
+        assert_eq!(code, 78, "{out}");
+        assert!(
+            out.contains(named) && !out.contains("pw-never-shown"),
+            "{out}"
+        );
+    }
     let (_dir, mut vars) = notify_file(&env, &sink, "");
     vars.push((
         "OUTBOXD__NOTIFY__SMTP_URL".into(),

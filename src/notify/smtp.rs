@@ -112,6 +112,7 @@ fn password(config: &NotifyConfig) -> Result<Option<String>, Invalid> {
     Ok(None)
 }
 
+/// A URL user name as written before percent-encoding.
 fn percent_decode(text: &str) -> String {
     percent_encoding::percent_decode_str(text)
         .decode_utf8_lossy()
