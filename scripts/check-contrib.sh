@@ -59,7 +59,10 @@ PLAIN = {"outboxd_http_requests_total", "outboxd_ingest_duplicates_total",
          "outboxd_relay_rows_applied_total", "outboxd_relay_rows_retried_total",
          "outboxd_relay_rows_failed_total", "outboxd_relay_rows_stale_total",
          "outboxd_relay_pending_rows", "outboxd_relay_failed_rows",
-         "outboxd_relay_listener_connected", "outboxd_relay_heartbeat_timestamp_seconds"}
+         "outboxd_relay_listener_connected", "outboxd_relay_heartbeat_timestamp_seconds",
+         "outboxd_notify_sent_total", "outboxd_notify_retried_total",
+         "outboxd_notify_failed_total", "outboxd_notify_pending_rows",
+         "outboxd_notify_failed_rows"}
 KNOWN = PLAIN | {h + s for h in HIST for s in ("_bucket", "_sum", "_count")}
 errors = []
 
@@ -185,6 +188,36 @@ tests:
         exp_alerts: []
       - eval_time: 6m
         alertname: OutboxdFailedRows
+        exp_alerts:
+          - exp_labels: {severity: warning, job: outboxd-relay}
+
+  # Notifications owed but none sent (SMTP down), then sent again.
+  - interval: 1m
+    input_series:
+      - series: 'outboxd_notify_pending_rows{job="outboxd-relay",relay_id="a"}'
+        values: '5x60'
+      - series: 'outboxd_notify_sent_total{job="outboxd-relay",relay_id="a"}'
+        values: '0+1x10 10x50'
+    alert_rule_test:
+      - eval_time: 10m
+        alertname: OutboxdNotificationBacklog
+        exp_alerts: []
+      - eval_time: 40m
+        alertname: OutboxdNotificationBacklog
+        exp_alerts:
+          - exp_labels: {severity: warning, job: outboxd-relay}
+
+  # Failed notifications.
+  - interval: 1m
+    input_series:
+      - series: 'outboxd_notify_failed_rows{job="outboxd-relay",relay_id="a"}'
+        values: '0 0 0 2x10'
+    alert_rule_test:
+      - eval_time: 2m
+        alertname: OutboxdNotificationsFailed
+        exp_alerts: []
+      - eval_time: 6m
+        alertname: OutboxdNotificationsFailed
         exp_alerts:
           - exp_labels: {severity: warning, job: outboxd-relay}
 

@@ -36,7 +36,8 @@
 --   outboxd_relay     claim, update and delete (retention) outbox rows, set an
 --                     e-mail's sync_status, delete expired idempotency keys;
 --                     also what `outboxd status|retry|audit|check` need.
---                     Never inserts, never deletes an e-mail, never truncates.
+--                     Records, sends and deletes notifications (outbox_notifications).
+--                     Inserts nothing else, never deletes an e-mail, never truncates.
 --   outboxd_readonly  read the tables, views and schema_migrations, except
 --                     an e-mail's sender, subject and body.
 
@@ -52,7 +53,7 @@ BEGIN
     SELECT string_agg(name, ', ') INTO missing
     FROM unnest(ARRAY['incoming_emails', 'outbox_messages', 'idempotency_keys',
                       'schema_migrations', 'outbox_status', 'outbox_failed',
-                      'outbox_inflight']) AS name
+                      'outbox_inflight', 'outbox_notifications']) AS name
     WHERE to_regclass(name) IS NULL;
     IF missing IS NOT NULL THEN
         RAISE EXCEPTION 'outboxd roles.sql: missing in database %: %', current_database(), missing
@@ -95,7 +96,7 @@ END $$;
 -- Start from nothing (table-level REVOKE ALL also drops column privileges), so
 -- a second run, or a run after a hand-made GRANT, ends in exactly the list below.
 REVOKE ALL ON TABLE incoming_emails, outbox_messages, idempotency_keys, schema_migrations,
-                    outbox_status, outbox_failed, outbox_inflight
+                    outbox_status, outbox_failed, outbox_inflight, outbox_notifications
     FROM outboxd_ingest, outboxd_relay, outboxd_readonly;
 DO $$
 DECLARE
@@ -146,6 +147,13 @@ GRANT UPDATE (status, attempts, next_attempt_at, last_error, locked_by, locked_u
 -- fields. Not the sender, subject or body: personal data the relay never needs.
 GRANT SELECT (id, ticket_id, webhook_id, sync_status) ON incoming_emails TO outboxd_relay;
 GRANT UPDATE (sync_status) ON incoming_emails TO outboxd_relay;
+-- Notifications (`[notify]`): the mark records one, copying what the mail
+-- names of the e-mail it came from (sender, subject, Message-ID); the sender
+-- claims, marks, and deletes sent ones. Its content never changes.
+GRANT SELECT (message_id, from_address, subject) ON incoming_emails TO outboxd_relay;
+GRANT SELECT, INSERT, DELETE ON outbox_notifications TO outboxd_relay;
+GRANT UPDATE (status, attempts, next_attempt_at, last_error, locked_by, locked_until,
+              updated_at, sent_at) ON outbox_notifications TO outboxd_relay;
 -- Housekeeping of expired keys.
 GRANT SELECT, DELETE ON idempotency_keys TO outboxd_relay;
 GRANT SELECT ON schema_migrations TO outboxd_relay;
@@ -164,6 +172,12 @@ $$;
 GRANT SELECT ON outbox_messages, idempotency_keys, schema_migrations,
                 outbox_status, outbox_failed, outbox_inflight
     TO outboxd_readonly;
+-- Notifications, less the e-mail's sender and subject they copy.
+GRANT SELECT (outbox_id, aggregate_id, status, attempts, next_attempt_at, last_error, locked_by,
+              locked_until, created_at, updated_at, sent_at, client_reference, creditor_name,
+              amount, currency, previous_amount, previous_currency, email_id, ticket_id,
+              email_message_id)
+    ON outbox_notifications TO outboxd_readonly;
 GRANT SELECT (id, webhook_id, ticket_id, message_id, received_at, sync_status, created_at)
     ON incoming_emails TO outboxd_readonly;
 

@@ -55,7 +55,7 @@ pub enum Command {
         #[arg(long, conflicts_with = "json")]
         watch: bool,
     },
-    /// Requeue failed rows (attempts reset). Safe to run twice.
+    /// Requeue failed rows, or failed notification e-mails (attempts reset). Safe to run twice.
     Retry(RetryArgs),
     /// Compare synced rows with MongoDB; report documents missing or behind. Exits 1 when any.
     Audit {
@@ -93,4 +93,10 @@ pub struct RetryArgs {
     /// Requeue rows that failed at or after this time (RFC 3339).
     #[arg(long)]
     pub failed_since: Option<DateTime<Utc>>,
+    /// Requeue every failed notification e-mail (not outbox rows).
+    #[arg(long)]
+    pub notifications: bool,
+    /// Requeue these failed notifications, by outbox id; exit 1 if some are not failed.
+    #[arg(long, num_args = 1.., value_name = "OUTBOX_ID")]
+    pub notification_id: Vec<i64>,
 }

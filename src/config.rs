@@ -23,6 +23,7 @@ pub struct Config {
     pub mongodb: MongoConfig,
     pub ingest: IngestConfig,
     pub relay: RelayConfig,
+    pub notify: NotifyConfig,
     pub log: LogConfig,
 }
 
@@ -83,6 +84,27 @@ pub struct RelayConfig {
     pub housekeeping_batch: i64,
     pub retention_s: u64,
     pub threads: usize,
+}
+
+/// `[notify]`: the e-mail sent for each message written to MongoDB (src/notify).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifyConfig {
+    pub enabled: bool,
+    /// `smtp://`, `smtps://` (TLS) or `smtp://…?tls=required` (STARTTLS).
+    #[serde(serialize_with = "expose")]
+    pub smtp_url: SecretString,
+    /// Password for the URL's user, when the URL holds none.
+    pub smtp_password_file: Option<PathBuf>,
+    pub from: String,
+    pub to: Vec<String>,
+    pub subject: String,
+    pub body: String,
+    pub timeout_ms: u64,
+    pub batch_size: i64,
+    pub concurrency: usize,
+    pub max_attempts: i32,
+    pub lease_s: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -164,6 +186,37 @@ impl Default for RelayConfig {
         }
     }
 }
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            smtp_url: "smtp://127.0.0.1:25".into(),
+            smtp_password_file: None,
+            from: "outboxd <outboxd@localhost>".into(),
+            to: Vec::new(),
+            subject: "Forderung aktualisiert: {{ client_reference }} – {{ creditor }}".into(),
+            body: DEFAULT_BODY.into(),
+            timeout_ms: 10_000,
+            batch_size: 20,
+            concurrency: 4,
+            max_attempts: 10,
+            lease_s: 60,
+        }
+    }
+}
+
+/// The default `notify.body` template (repeated in config/outboxd.toml).
+const DEFAULT_BODY: &str = "Die Forderung wurde in MongoDB aktualisiert.
+
+Mandant:        {{ client_reference }}
+Gläubiger:      {{ creditor }}
+Neuer Betrag:   {{ amount }}
+{% if previous_amount %}Bisher:         {{ previous_amount }}
+{% endif %}Ticket:         {{ ticket_id }}
+E-Mail:         {{ email_subject }} (von {{ email_from }}, Nr. {{ email_id }})
+Outbox-Nr.:     {{ outbox_id }}
+";
 
 impl Default for LogConfig {
     fn default() -> Self {
@@ -248,6 +301,9 @@ impl Config {
             if let Some(url) = read_credential(&dir, "mongodb-url")? {
                 config.mongodb.url = url;
             }
+            if let Some(url) = read_credential(&dir, "smtp-url")? {
+                config.notify.smtp_url = url;
+            }
         }
         if let Ok(url) = std::env::var("DATABASE_URL") {
             config.database.url = url.into();
@@ -278,6 +334,12 @@ impl Config {
                 self.ingest.body_limit_bytes as u64,
             ),
             ("ingest.max_connections", self.ingest.max_connections as u64),
+            ("notify.batch_size", self.notify.batch_size.max(0) as u64),
+            ("notify.concurrency", self.notify.concurrency as u64),
+            (
+                "notify.max_attempts",
+                self.notify.max_attempts.max(0) as u64,
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -348,6 +410,8 @@ impl Config {
                 true,
             ),
             ("relay.retention_s", s(self.relay.retention_s), true),
+            ("notify.timeout_ms", self.notify.timeout_ms, false),
+            ("notify.lease_s", s(self.notify.lease_s), false),
         ];
         for (key, ms, zero_allowed) in durations {
             if ms == 0 && !zero_allowed {
@@ -377,6 +441,13 @@ impl Config {
         if self.relay.backoff_cap_ms < self.relay.backoff_base_ms {
             bail!(
                 "invalid configuration: `relay.backoff_cap_ms` must be >= `relay.backoff_base_ms`"
+            );
+        }
+        if self.notify.lease_s.saturating_mul(1000) < self.notify.timeout_ms.saturating_mul(2) {
+            bail!(
+                "invalid configuration: `notify.lease_s` ({} s) must be at least twice `notify.timeout_ms` ({} ms)",
+                self.notify.lease_s,
+                self.notify.timeout_ms
             );
         }
         if self.mongodb.collection.is_empty() || self.mongodb.collection.contains('$') {
@@ -415,7 +486,8 @@ impl Config {
     }
 }
 
-fn read_credential(dir: &Path, name: &str) -> anyhow::Result<Option<SecretString>> {
+/// A systemd credential's text, if the file exists.
+pub(crate) fn read_credential(dir: &Path, name: &str) -> anyhow::Result<Option<SecretString>> {
     let path = dir.join(name);
     if !path.exists() {
         return Ok(None);
@@ -425,7 +497,8 @@ fn read_credential(dir: &Path, name: &str) -> anyhow::Result<Option<SecretString
         .map(Some)
 }
 
-fn read_secret_file(path: &Path) -> anyhow::Result<SecretString> {
+/// A secret file's text, less its trailing newline; empty is an error.
+pub(crate) fn read_secret_file(path: &Path) -> anyhow::Result<SecretString> {
     let text = std::fs::read_to_string(path).context("cannot read the secret file")?;
     let secret = text.trim_end_matches(['\n', '\r']);
     if secret.is_empty() {

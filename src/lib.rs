@@ -10,6 +10,7 @@ pub mod ingest;
 pub mod migrate;
 pub mod money;
 pub mod mongo;
+pub mod notify;
 pub mod ops;
 pub mod outbox;
 pub mod relay;

@@ -53,8 +53,13 @@ pub struct Sink {
 /// The outcome of applying one message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// Written, or the document already held this message or a newer one.
+    /// Written: the document now holds this message (or, for an older message
+    /// coalesced into it, the batch's newest of the aggregate). `apply` also
+    /// answers it for `AlreadyNewer`.
     Applied,
+    /// Nothing written: the document already held a newer message. Only
+    /// `apply_detailed` answers it.
+    AlreadyNewer,
     /// Worth retrying later: the server or the network failed.
     Transient(String),
     /// No answer in time: retry later, but the write may still land meanwhile.
@@ -188,6 +193,23 @@ impl Sink {
     /// at shutdown, rows not yet sent are better given back than held. Their
     /// rows answer `Late`.
     pub async fn apply(
+        &self,
+        rows: &[Claimed],
+        concurrency: usize,
+        start_by: impl Into<StartBy>,
+    ) -> HashMap<i64, Outcome> {
+        let mut outcomes = self.apply_detailed(rows, concurrency, start_by).await;
+        for outcome in outcomes.values_mut() {
+            if *outcome == Outcome::AlreadyNewer {
+                *outcome = Outcome::Applied;
+            }
+        }
+        outcomes
+    }
+
+    /// `apply`, telling a write that changed the document (`Applied`) from one
+    /// that found it already newer (`AlreadyNewer`): only the first notifies.
+    pub async fn apply_detailed(
         &self,
         rows: &[Claimed],
         concurrency: usize,
@@ -406,14 +428,47 @@ impl Sink {
             return match errors.into_values().next() {
                 None => Outcome::Applied,
                 Some((DUPLICATE_KEY, _)) if round == 0 => continue,
-                Some((DUPLICATE_KEY, _)) => Outcome::Applied,
+                Some((DUPLICATE_KEY, _)) => self.holds(row).await,
                 Some((code, message)) => rejected(code, &message),
             };
         }
         Outcome::Applied
     }
 
-    /// Runs one write command. `Err` is the outcome of every document in it.
+    /// After a guarded write matched nothing: `Applied` if the document holds
+    /// exactly this message (an earlier try wrote it, and its mark was lost, so
+    /// its notification is still owed), `AlreadyNewer` if it holds a newer one.
+    async fn holds(&self, row: &Write) -> Outcome {
+        let command = doc! {
+            "find": &self.collection,
+            "filter": { "_id": &row.aggregate_id },
+            "projection": { "outbox_id": 1 },
+            "limit": 1,
+        };
+        let reply = match self.run_write(command).await {
+            Ok(reply) => reply,
+            Err(outcome) => return outcome,
+        };
+        let held = reply
+            .get_document("cursor")
+            .ok()
+            .and_then(|c| c.get_array("firstBatch").ok())
+            .and_then(|b| b.first())
+            .and_then(Bson::as_document)
+            .and_then(|d| match d.get("outbox_id") {
+                Some(Bson::Int64(id)) => Some(*id),
+                Some(Bson::Int32(id)) => Some(i64::from(*id)),
+                _ => None,
+            });
+        if held == Some(row.id) {
+            Outcome::Applied
+        } else {
+            Outcome::AlreadyNewer
+        }
+    }
+
+    /// Runs one command (a write, or `holds`'s read). `Err` is the outcome of
+    /// every document in it.
     async fn run_write(&self, command: Document) -> Result<Document, Outcome> {
         // The driver has no per-operation timeout; a server that stops answering
         // must not hold the batch (and its aggregates' locks) forever.

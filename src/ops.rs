@@ -81,8 +81,14 @@ pub async fn snapshot(client: &deadpool_postgres::Object) -> anyhow::Result<Valu
             json!({"relay_id": relay, "rows": rows, "lease_expires_at": until.to_rfc3339(), "lease_expired": expired})
         })
         .collect();
+    let notifications: serde_json::Map<String, Value> = crate::notify::store::counts(c)
+        .await?
+        .into_iter()
+        .map(|(s, n)| (s.to_owned(), json!(n)))
+        .collect();
     Ok(json!({
         "counts": counts,
+        "notifications": notifications,
         "oldest_pending_age_s": outbox::oldest_pending_age(c).await?,
         "lag_last_minute_ms": {"synced": lag_n, "p50": p50, "p99": p99, "max": max},
         "failed": failed,
@@ -90,8 +96,10 @@ pub async fn snapshot(client: &deadpool_postgres::Object) -> anyhow::Result<Valu
     }))
 }
 
+/// Failed outbox rows and failed notifications: either needs an operator.
 fn failed_rows(snapshot: &Value) -> i64 {
     snapshot["counts"]["failed"].as_i64().unwrap_or(0)
+        + snapshot["notifications"]["failed"].as_i64().unwrap_or(0)
 }
 
 fn render(s: &Value, rates: Option<(f64, f64)>) -> String {
@@ -110,7 +118,16 @@ fn render(s: &Value, rates: Option<(f64, f64)>) -> String {
         .as_f64()
         .map(|a| format!("{a:.1}s"))
         .unwrap_or_else(|| "-".into());
-    let _ = writeln!(out, "\noldest pending  {age}");
+    let mail = |k: &str| s["notifications"][k].as_i64().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "\nnotifications   pending {}  processing {}  sent {}  failed {}",
+        mail("pending"),
+        mail("processing"),
+        mail("sent"),
+        mail("failed")
+    );
+    let _ = writeln!(out, "oldest pending  {age}");
     let lag = &s["lag_last_minute_ms"];
     let _ = writeln!(
         out,
@@ -207,6 +224,9 @@ pub async fn retry(config: &Config, args: &RetryArgs) -> anyhow::Result<u8> {
 
 async fn retry_with(config: &Config, args: &RetryArgs) -> anyhow::Result<u8> {
     let client = client(config, true).await?;
+    if args.notifications || !args.notification_id.is_empty() {
+        return retry_notifications(&client, &args.notification_id).await;
+    }
     let ids = (!args.id.is_empty()).then_some(args.id.as_slice());
     // Ids are kept only to name those of `--id` left alone.
     let mut requeued = std::collections::BTreeSet::new();
@@ -251,6 +271,26 @@ async fn retry_with(config: &Config, args: &RetryArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(1)
+}
+
+/// `retry --notifications` / `--notification-id`: failed notifications back to
+/// pending; the relays' senders poll for them.
+async fn retry_notifications(
+    client: &deadpool_postgres::Object,
+    ids: &[i64],
+) -> anyhow::Result<u8> {
+    let only = (!ids.is_empty()).then_some(ids);
+    let moved = crate::notify::store::requeue_failed(client, only).await?;
+    let n = moved.len();
+    println!(
+        "requeued {n} failed notification{}",
+        if n == 1 { "" } else { "s" }
+    );
+    let left: Vec<&i64> = ids.iter().filter(|id| !moved.contains(id)).collect();
+    for id in &left {
+        eprintln!("notification {id} is not failed (or does not exist): left as it is");
+    }
+    Ok(if left.is_empty() { 0 } else { 1 })
 }
 
 /// Rows of audit output listed by id before the rest is only counted.

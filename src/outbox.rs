@@ -262,30 +262,73 @@ pub async fn claim(
     Ok(Batch { rows, locked_until })
 }
 
-/// Marks held rows synced, and their e-mails with them. Returns the ids marked and
-/// each one's commit-to-apply lag in seconds; a missing id had lost its lease.
+/// Marks held rows synced, and their e-mails with them; for the ids in `notify`
+/// (writes that changed the document), records the notification owed, in the
+/// same statement, once per outbox id ever. Returns each id marked, its
+/// commit-to-apply lag in seconds, and whether it created a notification; a
+/// missing id had lost its lease.
 pub async fn mark_synced(
     client: &impl GenericClient,
     ids: &[i64],
+    notify: &[i64],
     relay_id: &str,
     locked_until: DateTime<Utc>,
-) -> Result<Vec<(i64, f64)>, Error> {
+) -> Result<Vec<Marked>, Error> {
+    // The previous amount comes from the aggregate's newest earlier synced row
+    // in the statement's snapshot: what the document held before this write.
     const SQL: &str = "
         WITH done AS (
             UPDATE outbox_messages
             SET status = 'synced', synced_at = now(), updated_at = now(),
                 locked_by = NULL, locked_until = NULL, last_error = NULL
             WHERE id = ANY($1) AND status = 'processing' AND locked_by = $2 AND locked_until = $3
-            RETURNING id, email_id, extract(epoch FROM synced_at - created_at)::float8 AS lag),
+            RETURNING id, email_id, aggregate_id, payload,
+                      extract(epoch FROM synced_at - created_at)::float8 AS lag),
         emails AS (
             UPDATE incoming_emails SET sync_status = 'synced'
-            WHERE id IN (SELECT email_id FROM done) AND sync_status <> 'synced')
-        SELECT id, lag FROM done";
+            WHERE id IN (SELECT email_id FROM done) AND sync_status <> 'synced'),
+        owed AS (
+            INSERT INTO outbox_notifications
+                (outbox_id, aggregate_id, client_reference, creditor_name, amount, currency,
+                 previous_amount, previous_currency, email_id, ticket_id, email_message_id,
+                 email_from, email_subject)
+            SELECT d.id, d.aggregate_id, coalesce(d.payload->>'client_reference', ''),
+                   coalesce(d.payload->>'creditor_name', ''), coalesce(d.payload->>'amount', ''),
+                   coalesce(d.payload->>'currency', ''), prev.payload->>'amount',
+                   prev.payload->>'currency', d.email_id, e.ticket_id, e.message_id,
+                   e.from_address, e.subject
+            FROM done d
+            JOIN incoming_emails e ON e.id = d.email_id
+            LEFT JOIN LATERAL (
+                SELECT p.payload FROM outbox_messages p
+                WHERE p.aggregate_id = d.aggregate_id AND p.status = 'synced' AND p.id < d.id
+                ORDER BY p.id DESC LIMIT 1) prev ON true
+            WHERE d.id = ANY($4)
+            ON CONFLICT (outbox_id) DO NOTHING
+            RETURNING outbox_id)
+        SELECT id, lag, id IN (SELECT outbox_id FROM owed) FROM done";
     let stmt = client.prepare_cached(SQL).await?;
     let rows = client
-        .query(&stmt, &[&ids, &relay_id, &locked_until])
+        .query(&stmt, &[&ids, &relay_id, &locked_until, &notify])
         .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| Marked {
+            id: r.get(0),
+            lag_s: r.get(1),
+            notifies: r.get(2),
+        })
+        .collect())
+}
+
+/// One row `mark_synced` marked.
+#[derive(Debug, Clone, Copy)]
+pub struct Marked {
+    pub id: i64,
+    /// Commit-to-apply lag, in seconds.
+    pub lag_s: f64,
+    /// Whether marking it created a notification.
+    pub notifies: bool,
 }
 
 /// Extends the lease of held rows to at least `now + extra_s`, so that rescue
@@ -311,6 +354,18 @@ pub async fn extend_lease(
     Ok(rows.first().map(|r| r.get(0)))
 }
 
+/// The next attempt of a row that failed `attempts` times, as SQL: `now +
+/// min(cap, base·2^attempts)` with equal jitter, `$7` the base and `$8` the cap
+/// in ms. Shared by the outbox and the notifications (`notify::store`).
+#[macro_export]
+macro_rules! backoff_sql {
+    () => {
+        // Capped exponent: 2^1024 overflows float8, and 2^60 times even 1 ms outlasts any cap.
+        "now() + least($8::float8, $7::float8 * power(2, least(attempts, 60)))
+         * (0.5 + random() / 2) * interval '1 millisecond'"
+    };
+}
+
 /// Records a failed attempt on held rows: back to `pending` at
 /// `now + min(cap, base·2^attempts)` with equal jitter, or `failed` (and the e-mail
 /// with it) when `permanent` or out of attempts. Returns `(id, status)` per row moved.
@@ -326,21 +381,23 @@ pub async fn mark_attempt_failed(
     base_ms: f64,
     cap_ms: f64,
 ) -> Result<Vec<(i64, String)>, Error> {
-    const SQL: &str = "
+    const SQL: &str = concat!(
+        "
         WITH moved AS (
             UPDATE outbox_messages
             SET attempts = attempts + 1,
                 status = CASE WHEN $5 OR attempts + 1 >= $6 THEN 'failed' ELSE 'pending' END,
-                -- Capped exponent: 2^1024 overflows float8, and 2^60 times even 1 ms outlasts any cap.
-                next_attempt_at = now() + least($8::float8, $7::float8 * power(2, least(attempts, 60)))
-                                  * (0.5 + random() / 2) * interval '1 millisecond',
+                next_attempt_at = ",
+        crate::backoff_sql!(),
+        ",
                 last_error = $4, locked_by = NULL, locked_until = NULL, updated_at = now()
             WHERE id = ANY($1) AND status = 'processing' AND locked_by = $2 AND locked_until = $3
             RETURNING id, email_id, status),
         emails AS (
             UPDATE incoming_emails SET sync_status = 'failed'
             WHERE id IN (SELECT email_id FROM moved WHERE status = 'failed'))
-        SELECT id, status FROM moved";
+        SELECT id, status FROM moved"
+    );
     let stmt = client.prepare_cached(SQL).await?;
     let rows = client
         .query(

@@ -2,7 +2,10 @@
 //! PostgreSQL cluster and a private FerretDB, all on loopback. A load generator
 //! posts signed webhooks while faults are injected at random times; at the end
 //! everything drains and the run counts what was lost, left unsynced, left behind,
-//! seen going backwards, or duplicated. All of those must be zero.
+//! seen going backwards, or duplicated. All of those must be zero. The relays
+//! also send notification e-mails to a real SMTP server (aiosmtpd), which the
+//! `smtp` fault stops: no notification may be lost; duplicate mails (a relay
+//! killed mid-send) are counted in the report, each with its Message-ID.
 //!
 //! CHAOS_PROFILE=full (the default of `make chaos`) runs ~10 minutes of faults;
 //! unset, a quick profile (~2 minutes) runs inside `make test`.
@@ -41,16 +44,19 @@ enum Kind {
     PgRestart,
     Terminate,
     Pause,
+    /// The SMTP server of the notification e-mails stopped for a while.
+    Smtp,
 }
 
 impl Kind {
-    const ALL: [Kind; 6] = [
+    const ALL: [Kind; 7] = [
         Kind::Kill9,
         Kind::Sigterm,
         Kind::Ferret,
         Kind::PgRestart,
         Kind::Terminate,
         Kind::Pause,
+        Kind::Smtp,
     ];
 
     fn name(self) -> &'static str {
@@ -61,6 +67,7 @@ impl Kind {
             Kind::PgRestart => "pgrestart",
             Kind::Terminate => "terminate",
             Kind::Pause => "pause",
+            Kind::Smtp => "smtp",
         }
     }
 }
@@ -494,6 +501,8 @@ async fn chaos_campaign() {
 
     let mut ferret = Ferret::start().await;
     let mongo_url = ferret.url("chaos");
+    // Notification e-mails go to a real SMTP server, which the `smtp` fault stops.
+    let mut smtp = common::smtp::SmtpSink::start().await;
     let setup = Setup {
         pg_url: pg_url.clone(),
         env: vec![
@@ -521,6 +530,16 @@ async fn chaos_campaign() {
             // FerretDB's tens of updates per second here, 100 rows would not fit in 3 s.
             ("OUTBOXD__RELAY__BATCH_SIZE".into(), "20".into()),
             ("OUTBOXD__LOG__FORMAT".into(), "json".into()),
+            ("OUTBOXD__NOTIFY__ENABLED".into(), "true".into()),
+            ("OUTBOXD__NOTIFY__SMTP_URL".into(), smtp.url()),
+            ("OUTBOXD__NOTIFY__FROM".into(), "chaos@chaos.example".into()),
+            (
+                "OUTBOXD__NOTIFY__TO".into(),
+                "[\"ops@chaos.example\"]".into(),
+            ),
+            ("OUTBOXD__NOTIFY__TIMEOUT_MS".into(), "1000".into()),
+            ("OUTBOXD__NOTIFY__LEASE_S".into(), LEASE_S.to_string()),
+            ("OUTBOXD__NOTIFY__MAX_ATTEMPTS".into(), "1000".into()),
         ],
     };
     let ingest_port = free_port();
@@ -740,6 +759,14 @@ async fn chaos_campaign() {
                     json!({"rounds": rounds, "listen_terminated": listen, "pool_terminated": pool});
                 Instant::now()
             }
+            Kind::Smtp => {
+                let down_ms = between(&mut rng, profile.ferret_down_ms);
+                smtp.stop();
+                tokio::time::sleep(Duration::from_millis(down_ms)).await;
+                smtp.resume().await;
+                detail = json!({"down_ms": down_ms});
+                Instant::now()
+            }
             Kind::Pause => {
                 let r = rng.usize(..RELAYS);
                 let relay = &mut relays[r];
@@ -806,24 +833,28 @@ async fn chaos_campaign() {
     }
     guard.abort();
 
-    // Drain.
+    // Drain: the outbox, then every notification owed.
+    let zero_within = |sql: &'static str| {
+        let pg_url = pg_url.clone();
+        common::eventually(Duration::from_secs(profile.drain_timeout_s), move || {
+            let url = pg_url.clone();
+            async move { Pg::new(&url).count(sql).await == Some(0) }
+        })
+    };
     let drain_started = Instant::now();
-    let drained = common::eventually(Duration::from_secs(profile.drain_timeout_s), || {
-        let url = pg_url.clone();
-        async move {
-            Pg::new(&url)
-                .count("SELECT count(*) FROM outbox_messages WHERE status <> 'synced'")
-                .await
-                == Some(0)
-        }
-    })
-    .await;
+    let drained =
+        zero_within("SELECT count(*) FROM outbox_messages WHERE status <> 'synced'").await;
     let drain_s = drain_started.elapsed().as_secs_f64();
     if !drained {
         notes.push(format!(
             "the outbox did not drain within {}s",
             profile.drain_timeout_s
         ));
+    }
+    let mails_drained =
+        zero_within("SELECT count(*) FROM outbox_notifications WHERE status <> 'sent'").await;
+    if !mails_drained {
+        notes.push("the notifications did not drain".into());
     }
     tokio::time::sleep(Duration::from_millis(600)).await; // a few more samples of the final state
     stop_sampler.store(true, Ordering::Relaxed);
@@ -894,6 +925,44 @@ async fn chaos_campaign() {
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
+    // Notifications: one owed per aggregate's newest message at least (it was
+    // written); each owed one sent and received; duplicates counted.
+    let owed: HashSet<i64> = pg
+        .query_retry(
+            "SELECT outbox_id FROM outbox_notifications",
+            &[],
+            Duration::from_secs(30),
+        )
+        .await
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let unsent_notifications = pg
+        .count("SELECT count(*) FROM outbox_notifications WHERE status <> 'sent'")
+        .await
+        .unwrap_or(-1);
+    let mut received: HashMap<String, usize> = HashMap::new();
+    for mail in smtp.mails() {
+        *received
+            .entry(mail.header("Message-ID").unwrap_or_default().to_owned())
+            .or_default() += 1;
+    }
+    let mail_of = |id: i64| format!("<outboxd-notify-{id}@chaos.example>");
+    let lost_notifications: Vec<i64> = latest
+        .iter()
+        .map(|(_, id, _)| *id)
+        .filter(|id| !owed.contains(id))
+        .chain(
+            owed.iter()
+                .copied()
+                .filter(|id| !received.contains_key(&mail_of(*id))),
+        )
+        .collect();
+    let mail_duplicates: usize = received.values().map(|n| n - 1).sum();
+    let mails_unowed = received
+        .keys()
+        .filter(|m| !owed.iter().any(|id| mail_of(*id) == **m))
+        .count();
     let mongo = mongodb::Client::with_uri_str(&mongo_url).await.unwrap();
     let docs: HashMap<String, Document> = mongo
         .default_database()
@@ -983,16 +1052,19 @@ async fn chaos_campaign() {
     let count = |k: Kind| counts.get(&k).copied().unwrap_or(0);
     let accepted = stats.accepted.len();
     let summary = format!(
-        "chaos: faults={faults} (kill9={} sigterm={} ferret={} pgrestart={} terminate={} pause={}) accepted={accepted} lost={} unsynced={unsynced} behind={} regressions={} duplicates={duplicates} max_recovery_s={max_recovery:.2}",
+        "chaos: faults={faults} (kill9={} sigterm={} ferret={} pgrestart={} terminate={} pause={} smtp={}) accepted={accepted} lost={} unsynced={unsynced} behind={} regressions={} duplicates={duplicates} notifications={} lost_notifications={} duplicate_mails={mail_duplicates} max_recovery_s={max_recovery:.2}",
         count(Kind::Kill9),
         count(Kind::Sigterm),
         count(Kind::Ferret),
         count(Kind::PgRestart),
         count(Kind::Terminate),
         count(Kind::Pause),
+        count(Kind::Smtp),
         lost.len(),
         behind.len(),
         regressions.len(),
+        owed.len(),
+        lost_notifications.len(),
     );
     let per_kind: BTreeMap<&str, Value> = recoveries
         .iter()
@@ -1016,7 +1088,8 @@ async fn chaos_campaign() {
         "drained": drained,
         "private_postgres": cluster.is_some(),
         "faults": {"total": faults, "kill9": count(Kind::Kill9), "sigterm": count(Kind::Sigterm), "ferret": count(Kind::Ferret),
-                   "pgrestart": count(Kind::PgRestart), "terminate": count(Kind::Terminate), "pause": count(Kind::Pause)},
+                   "pgrestart": count(Kind::PgRestart), "terminate": count(Kind::Terminate), "pause": count(Kind::Pause),
+                   "smtp": count(Kind::Smtp)},
         "accepted": accepted,
         "accepted_per_s": accepted as f64 / load_s,
         "incoming_emails_rows": stored.len(),
@@ -1033,6 +1106,9 @@ async fn chaos_campaign() {
         "regression_detail": regressions.iter().take(50).map(|r| json!({"aggregate": r.0, "seen": r.1, "then": r.2, "at_s": r.3})).collect::<Vec<_>>(),
         "samples": samples,
         "duplicates": duplicates,
+        "notifications": {"owed": owed.len(), "unsent": unsent_notifications, "received": received.values().sum::<usize>(),
+                          "lost": lost_notifications.len(), "lost_ids": lost_notifications.iter().take(50).collect::<Vec<_>>(),
+                          "duplicate_mails": mail_duplicates, "mails_not_owed": mails_unowed},
         "rows_not_accepted": unexpected_rows.len(),
         "newest_accepted_vs_stored_mismatch": order_mismatch,
         "retries": stats.retries,
@@ -1090,6 +1166,11 @@ async fn chaos_campaign() {
         "documents went backwards: {regressions:?}"
     );
     assert_eq!(duplicates, 0, "duplicate e-mail rows");
+    assert!(
+        lost_notifications.is_empty(),
+        "notifications lost (owed but never received, or a newest message not owed): {lost_notifications:?}"
+    );
+    assert_eq!(mails_unowed, 0, "mails received for no notification row");
     assert_eq!(panics, 0, "a process panicked; see {logs:?}");
     assert!(
         stats.abandoned.is_empty(),

@@ -359,6 +359,10 @@ fn a_bad_config_stops_start_up_naming_the_key() {
         format!("{:?}", config.ingest),
         format!("{:?}", defaults.ingest)
     );
+    assert_eq!(
+        format!("{:?}", config.notify),
+        format!("{:?}", defaults.notify)
+    );
 }
 
 #[test]

@@ -203,6 +203,8 @@ async fn in_process(
         postgres: outboxd::relay::health::Health::new("PostgreSQL"),
         mongodb: outboxd::relay::health::Health::new("MongoDB"),
         heartbeat: outboxd::systemd::Heartbeat::new(Duration::from_secs(config.relay.lease_s + 10)),
+        notify_enabled: config.notify.enabled,
+        notify_wake: Default::default(),
         shutdown: tokio_util::sync::CancellationToken::new(),
     }
 }

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::http::{self, Limits};
 use crate::systemd::{self, Heartbeat};
-use crate::{db, mongo, outbox};
+use crate::{db, mongo, notify, outbox};
 use health::Health;
 use worker::Shared;
 
@@ -49,6 +49,17 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         crate::migrate::warn_unless_current(&client).await;
     }
     let sink = mongo::connect(&config.mongodb).await?;
+    let sender = match config.notify.enabled {
+        true => Some(Arc::new(notify::Sender::new(
+            config,
+            &relay_id,
+            pool.clone(),
+        )?)),
+        false => None,
+    };
+    let notify_wake = sender
+        .as_ref()
+        .map_or_else(|| Arc::new(Notify::new()), |s| s.wake.clone());
     let shared = Arc::new(Shared {
         relay_id: relay_id.clone(),
         config: config.relay.clone(),
@@ -59,6 +70,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         // A worker beats between steps; the longest, a batch's writes, ends with
         // its lease.
         heartbeat: Heartbeat::new(Duration::from_secs(config.relay.lease_s + 10)),
+        notify_enabled: sender.is_some(),
+        notify_wake,
         shutdown: shutdown.clone(),
     });
     shared.heartbeat.beat();
@@ -87,6 +100,13 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     ));
     tasks.spawn(rescue(shared.clone(), background.clone()));
     tasks.spawn(housekeeping(shared.clone(), background.clone()));
+    if let Some(sender) = &sender {
+        tasks.spawn(rescue_notifications(
+            shared.clone(),
+            sender.clone(),
+            background.clone(),
+        ));
+    }
     let workers = TaskTracker::new();
     // A worker that panicked would leave its batch held and its session's
     // aggregate locks taken: the relay stops, and its supervisor restarts it.
@@ -111,6 +131,11 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
                 panicked.cancel();
             }
         });
+    }
+    // The sender stops with the workers: on SIGTERM it starts no more sends,
+    // gives back the rest, and finishes and marks the sends in flight.
+    if let Some(sender) = &sender {
+        workers.spawn(sender.clone().run(shutdown.clone()));
     }
     workers.close();
     tracing::info!(relay_id = %relay_id, workers = config.relay.workers, "relay started");
@@ -217,6 +242,25 @@ async fn rescue(shared: Arc<Shared>, shutdown: CancellationToken) {
     }
 }
 
+/// Notification lease rescue and gauges, every poll interval.
+async fn rescue_notifications(
+    shared: Arc<Shared>,
+    sender: Arc<notify::Sender>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(shared.config.poll_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = sender.rescue().await {
+            failed(&shared, "notification lease rescue", &e);
+        }
+    }
+}
+
 /// Retention and key expiry, every housekeeping interval, in small batches.
 async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut cleanup = tokio::time::interval(Duration::from_secs(
@@ -236,7 +280,7 @@ async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
 
 /// Capped, jittered exponential pauses that never give up: a relay outlives
 /// any outage.
-fn retry_forever(min: Duration, max: Duration) -> backon::ExponentialBackoff {
+pub(crate) fn retry_forever(min: Duration, max: Duration) -> backon::ExponentialBackoff {
     backon::ExponentialBuilder::default()
         .with_min_delay(min)
         .with_max_delay(max)
@@ -294,8 +338,12 @@ async fn clean_up(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Resu
         let client = shared.pool.get().await?;
         let keys = outbox::delete_expired_keys(&client, batch).await?;
         let rows = outbox::delete_synced_before(&client, retention, batch).await?;
+        // Sent notifications age out with the synced rows they came from.
+        let mails = notify::clean_up(&client, retention, batch).await?;
         deleted = (deleted.0 + keys, deleted.1 + rows);
-        if (keys < batch as u64 && rows < batch as u64) || shutdown.is_cancelled() {
+        if (keys < batch as u64 && rows < batch as u64 && mails < batch as u64)
+            || shutdown.is_cancelled()
+        {
             break;
         }
         // Small batches with pauses keep locks and WAL bursts short.

@@ -35,6 +35,10 @@ pub struct Shared {
     pub postgres: Health,
     pub mongodb: Health,
     pub heartbeat: Heartbeat,
+    /// Whether marks record notifications (`notify.enabled`).
+    pub notify_enabled: bool,
+    /// Wakes the notification sender after a mark that created obligations.
+    pub notify_wake: Arc<Notify>,
     /// Cancelled on SIGTERM: workers stop claiming, and send no more writes.
     pub shutdown: CancellationToken,
 }
@@ -184,7 +188,7 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     let started = Instant::now();
     let outcomes = shared
         .sink
-        .apply(
+        .apply_detailed(
             &batch.rows,
             config.write_concurrency,
             StartBy::new(last_start, shared.shutdown.clone()),
@@ -201,13 +205,21 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     shared.heartbeat.beat();
 
     let mut applied = Vec::new();
+    // Per aggregate, the newest message written: the one write that changed
+    // the document. Older rows coalesced into it are synced but not mailed.
+    let mut written: BTreeMap<&str, i64> = BTreeMap::new();
     let mut late = Vec::new();
     let mut untried = Vec::new();
     let mut failures: BTreeMap<(bool, String), Vec<i64>> = BTreeMap::new();
     let mut unanswered: BTreeMap<(bool, String), Vec<i64>> = BTreeMap::new();
     for row in &batch.rows {
         match &outcomes[&row.id] {
-            Outcome::Applied => applied.push(row.id),
+            Outcome::Applied => {
+                applied.push(row.id);
+                let newest = written.entry(&row.aggregate_id).or_insert(row.id);
+                *newest = (*newest).max(row.id);
+            }
+            Outcome::AlreadyNewer => applied.push(row.id),
             Outcome::Late => {
                 tracing::debug!(
                     outbox_id = row.id, email_id = row.email_id, idempotency_key = %row.idempotency_key,
@@ -252,7 +264,12 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     // back before the marks, which may retry for a while.
     give_back(shared, &client, &batch, &untried, GivenBack::Untried).await;
     give_back(shared, &client, &batch, &late, late_reason).await;
-    let marked = mark(shared, &client, &batch, applied, failures).await;
+    let notify: Vec<i64> = if shared.notify_enabled {
+        written.into_values().collect()
+    } else {
+        Vec::new()
+    };
+    let marked = mark(shared, &client, &batch, applied, &notify, failures).await;
     shared.heartbeat.beat();
     let marked = match held {
         None => marked,
@@ -379,6 +396,7 @@ async fn mark(
     held: &Object,
     batch: &Batch,
     applied: Vec<i64>,
+    notify: &[i64],
     failures: BTreeMap<(bool, String), Vec<i64>>,
 ) -> anyhow::Result<()> {
     let config = &shared.config;
@@ -390,8 +408,14 @@ async fn mark(
         let marked = (|| async {
             let client = connection(shared, held).await?;
             Ok::<_, anyhow::Error>(
-                outbox::mark_synced(&*client, &applied, &shared.relay_id, batch.locked_until)
-                    .await?,
+                outbox::mark_synced(
+                    &*client,
+                    &applied,
+                    notify,
+                    &shared.relay_id,
+                    batch.locked_until,
+                )
+                .await?,
             )
         })
         .retry(retry)
@@ -399,15 +423,19 @@ async fn mark(
         .await?;
         metrics::counter!("outboxd_relay_rows_applied_total").increment(marked.len() as u64);
         let lag_seconds = metrics::histogram!("outboxd_relay_lag_seconds");
-        for (id, lag) in &marked {
-            lag_seconds.record(*lag);
-            let row = rows_by_id[id];
+        for m in &marked {
+            lag_seconds.record(m.lag_s);
+            let row = rows_by_id[&m.id];
             tracing::debug!(
                 outbox_id = row.id, email_id = row.email_id, idempotency_key = %row.idempotency_key,
-                operation = %row.operation, relay_id = %shared.relay_id, lag_ms = lag * 1000.0, "synced"
+                operation = %row.operation, relay_id = %shared.relay_id, lag_ms = m.lag_s * 1000.0,
+                notifies = m.notifies, "synced"
             );
         }
-        stale(shared, &applied, marked.iter().map(|m| m.0), &rows_by_id);
+        if marked.iter().any(|m| m.notifies) {
+            shared.notify_wake.notify_one();
+        }
+        stale(shared, &applied, marked.iter().map(|m| m.id), &rows_by_id);
     }
     for ((permanent, error), ids) in failures {
         let moved = (|| async {
@@ -475,7 +503,7 @@ async fn await_unanswered(
 ) -> anyhow::Result<()> {
     tokio::time::sleep(shared.sink.timeout() * 2).await;
     shared.heartbeat.beat();
-    mark(shared, client, held, Vec::new(), unanswered).await
+    mark(shared, client, held, Vec::new(), &[], unanswered).await
 }
 
 /// The batch's own connection while it is open, else a pooled one. A worker thus

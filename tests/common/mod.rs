@@ -15,6 +15,7 @@ use serde_json::Value;
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
+pub mod smtp;
 mod urls;
 pub use urls::{check_loopback, with_database};
 
