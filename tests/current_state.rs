@@ -4,27 +4,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use futures_util::TryStreamExt;
 use mongodb::bson::{Bson, Document, doc, oid::ObjectId};
 use serde_json::Value;
-
-fn outboxd(args: &[&str], env: &TestEnv) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_outboxd"))
-        .args(args)
-        .envs(env.child_env())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
 
 /// `audit --all --json`: its exit code and report.
 fn audit_json(env: &TestEnv, extra: &[&str]) -> (i32, Value) {
@@ -38,10 +23,6 @@ fn audit_json(env: &TestEnv, extra: &[&str]) -> (i32, Value) {
 
 fn count(report: &Value, kind: &str) -> u64 {
     report[kind]["count"].as_u64().unwrap()
-}
-
-fn relay(env: &TestEnv, id: &str) -> Proc {
-    Proc::spawn(&["relay", "--id", id], &env.child_env(), id)
 }
 
 async fn stop(mut p: Proc) {

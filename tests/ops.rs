@@ -9,24 +9,6 @@ use common::*;
 use mongodb::bson::doc;
 use serde_json::Value;
 
-fn outboxd(args: &[&str], env: &TestEnv) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_outboxd"))
-        .args(args)
-        .envs(env.child_env())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
-fn relay(env: &TestEnv, id: &str) -> Proc {
-    Proc::spawn(&["relay", "--id", id], &env.child_env(), id)
-}
-
 #[tokio::test]
 async fn status_matches_the_database() {
     let env = TestEnv::new().await;
