@@ -11,14 +11,18 @@ use futures_util::TryStreamExt;
 use mongodb::bson::{Bson, Document, doc, oid::ObjectId};
 use serde_json::Value;
 
-/// `audit --all --json`: its exit code and report.
+/// `audit --all --json`: its exit code and report (stdout; progress goes to the log).
 fn audit_json(env: &TestEnv, extra: &[&str]) -> (i32, Value) {
-    let mut args = vec!["audit", "--all", "--json"];
-    args.extend_from_slice(extra);
-    let (code, out) = outboxd(&args, env);
-    let start = out.find('{').unwrap_or_else(|| panic!("no JSON: {out}"));
-    let end = out.rfind('}').unwrap();
-    (code, serde_json::from_str(&out[start..=end]).unwrap())
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["audit", "--all", "--json"])
+        .args(extra)
+        .envs(env.child_env())
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}", String::from_utf8_lossy(&out.stdout));
+    });
+    (out.status.code().unwrap_or(-1), report)
 }
 
 fn count(report: &Value, kind: &str) -> u64 {
