@@ -375,3 +375,60 @@ async fn resync_killed_halfway_resumes_without_sending_twice() {
     let (code, out) = outboxd(&["resync", "--rate", "0"], &env);
     assert_eq!(code, 64, "{out}");
 }
+
+/// Figures for the closing note, not a check: `resync` rows/s end to end
+/// (resync + one relay until `audit --all` is clean) into an empty collection,
+/// then `audit --all` rows/s and peak RSS (`/usr/bin/time -v`). Run with
+/// `FIGURES_N=100000 cargo test --test current_state -- --ignored figures --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn figures() {
+    let n: i64 = std::env::var("FIGURES_N").map_or(10_000, |v| v.parse().unwrap());
+    let env = TestEnv::new().await;
+    ingest_amounts(&env, n, 0).await;
+    env.pg()
+        .await
+        .execute(
+            "UPDATE outbox_messages SET status = 'synced', synced_at = now()",
+            &[],
+        )
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    let r = relay(&env, "figures");
+    let (code, out) = outboxd(&["resync", "--rate", "1000000"], &env);
+    assert_eq!(code, 0, "{out}");
+    assert!(env.wait_synced(Duration::from_secs(600)).await);
+    assert_eq!(audit_json(&env, &[]).0, 0);
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "resync end to end: {n} rows in {secs:.1} s = {:.0} rows/s",
+        n as f64 / secs
+    );
+    stop(r).await;
+    let out = std::process::Command::new("/usr/bin/time")
+        .arg("-v")
+        .arg(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["audit", "--all"])
+        .envs(env.child_env())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let field = |name: &str| {
+        stderr
+            .lines()
+            .find(|l| l.contains(name))
+            .map(|l| l.rsplit(": ").next().unwrap().trim().to_owned())
+            .unwrap()
+    };
+    let wall = field("Elapsed (wall clock)");
+    let wall_s: f64 = wall
+        .split(':')
+        .fold(0.0, |acc, part| acc * 60.0 + part.parse::<f64>().unwrap());
+    println!(
+        "audit --all: {n} aggregates in {wall_s:.1} s = {:.0} rows/s, peak RSS {} KiB",
+        n as f64 / wall_s,
+        field("Maximum resident set size")
+    );
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+}
