@@ -308,7 +308,7 @@ ensure_ferret_backend() {
             die "pg_createcluster $ver $FERRET_PG_CLUSTER failed" "see the messages above"
         # A test server: loopback only, and commits not waited on (as MongoDB's
         # default journal interval); fsync stays on.
-        as_root pg_conftool "$ver" "$FERRET_PG_CLUSTER" set listen_addresses 127.0.0.1 >&2
+        as_root pg_conftool "$ver" "$FERRET_PG_CLUSTER" set listen_addresses localhost >&2
         as_root pg_conftool "$ver" "$FERRET_PG_CLUSTER" set synchronous_commit off >&2
         as_root pg_conftool "$ver" "$FERRET_PG_CLUSTER" set max_connections 200 >&2
         as_root pg_conftool "$ver" "$FERRET_PG_CLUSTER" set shared_buffers 256MB >&2

@@ -96,14 +96,16 @@ END $$;
 -- Start from nothing (table-level REVOKE ALL also drops column privileges), so
 -- a second run, or a run after a hand-made GRANT, ends in exactly the list below.
 REVOKE ALL ON TABLE incoming_emails, outbox_messages, idempotency_keys, schema_migrations,
-                    outbox_status, outbox_failed, outbox_inflight, outbox_notifications
+                    outbox_status, outbox_failed, outbox_inflight, outbox_notifications,
+                    creditor_debts_current, outbox_resyncs
     FROM outboxd_ingest, outboxd_relay, outboxd_readonly;
 DO $$
 DECLARE
     seq text;
 BEGIN
     FOREACH seq IN ARRAY ARRAY[pg_get_serial_sequence('incoming_emails', 'id'),
-                               pg_get_serial_sequence('outbox_messages', 'id')] LOOP
+                               pg_get_serial_sequence('outbox_messages', 'id'),
+                               pg_get_serial_sequence('outbox_resyncs', 'id')] LOOP
         EXECUTE format('REVOKE ALL ON SEQUENCE %s FROM outboxd_ingest, outboxd_relay, outboxd_readonly', seq);
     END LOOP;
 END
@@ -157,12 +159,17 @@ GRANT UPDATE (status, attempts, next_attempt_at, last_error, locked_by, locked_u
 -- Housekeeping of expired keys.
 GRANT SELECT, DELETE ON idempotency_keys TO outboxd_relay;
 GRANT SELECT ON schema_migrations TO outboxd_relay;
-GRANT SELECT ON outbox_status, outbox_failed, outbox_inflight TO outboxd_relay;
+GRANT SELECT ON outbox_status, outbox_failed, outbox_inflight, creditor_debts_current
+    TO outboxd_relay;
+-- `outboxd resync` records its runs and their cursors.
+GRANT SELECT, INSERT, UPDATE ON outbox_resyncs TO outboxd_relay;
 -- `outboxd audit` reads the last outbox id issued (SELECT: no nextval).
 DO $$
 BEGIN
     EXECUTE format('GRANT SELECT ON SEQUENCE %s TO outboxd_relay',
                    pg_get_serial_sequence('outbox_messages', 'id'));
+    EXECUTE format('GRANT USAGE ON SEQUENCE %s TO outboxd_relay',
+                   pg_get_serial_sequence('outbox_resyncs', 'id'));
 END
 $$;
 
@@ -170,7 +177,8 @@ $$;
 -- Dashboards need no e-mail's sender, subject or body: a debtor's
 -- correspondence stays with the roles that handle it.
 GRANT SELECT ON outbox_messages, idempotency_keys, schema_migrations,
-                outbox_status, outbox_failed, outbox_inflight
+                outbox_status, outbox_failed, outbox_inflight, creditor_debts_current,
+                outbox_resyncs
     TO outboxd_readonly;
 -- Notifications, less the e-mail's sender and subject they copy.
 GRANT SELECT (outbox_id, aggregate_id, status, attempts, next_attempt_at, last_error, locked_by,

@@ -58,14 +58,31 @@ pub enum Command {
     /// Requeue failed rows, or failed notification e-mails (attempts reset). Safe to run twice.
     Retry(RetryArgs),
     /// Compare synced rows with MongoDB; report documents missing or behind. Exits 1 when any.
+    #[command(
+        after_help = "--all compares every aggregate's current state field by field and lists                       documents no aggregate explains; exit 0 clean, 1 not clean (with --repair:                       something was left unfixed, such as unknown documents)."
+    )]
     Audit {
         /// Only rows synced at or after this time (RFC 3339).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "all")]
         since: Option<DateTime<Utc>>,
         /// Requeue the latest message of each bad aggregate.
         #[arg(long)]
         repair: bool,
+        /// Compare every aggregate's current state field by field, and find unknown documents.
+        #[arg(long)]
+        all: bool,
+        /// With --all --repair: also delete the documents no aggregate explains.
+        #[arg(long, requires_all = ["all", "repair"])]
+        delete_unknown: bool,
+        /// With --all: print stable JSON for machines.
+        #[arg(long, requires = "all")]
+        json: bool,
     },
+    /// Re-send aggregates' current state to MongoDB through the outbox (resumable).
+    #[command(
+        after_help = "Requeues each matching aggregate's newest synced message; a relay writes                       it, and never past a newer live message. Ctrl-C stops between pages (exit                       1); running it again with the same filter resumes where it stopped,                       --restart starts over. Runs are recorded in the outbox_resyncs table."
+    )]
+    Resync(ResyncArgs),
     /// Check PostgreSQL (and its schema version) and MongoDB: one line each, exit 1 on a problem.
     Check,
     /// Print the Zendesk signature headers (or a curl command) for a body file.
@@ -99,4 +116,20 @@ pub struct RetryArgs {
     /// Requeue these failed notifications, by outbox id; exit 1 if some are not failed.
     #[arg(long, num_args = 1.., value_name = "OUTBOX_ID")]
     pub notification_id: Vec<i64>,
+}
+
+#[derive(Debug, Args)]
+pub struct ResyncArgs {
+    /// Only this aggregate (repeat for more); default: all.
+    #[arg(long = "aggregate", value_name = "ID")]
+    pub aggregates: Vec<String>,
+    /// Only aggregates whose newest message was synced at or after this time (RFC 3339).
+    #[arg(long)]
+    pub since: Option<DateTime<Utc>>,
+    /// Rows requeued per second at most.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate: u32,
+    /// Abandon the unfinished run with this filter and start over.
+    #[arg(long)]
+    pub restart: bool,
 }

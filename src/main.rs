@@ -75,7 +75,15 @@ async fn dispatch(command: Command, mut config: Config) -> anyhow::Result<u8> {
         }
         Command::Status { json, watch } => ops::status(&config, json, watch).await,
         Command::Retry(args) => ops::retry(&config, &args).await,
-        Command::Audit { since, repair } => ops::audit(&config, since, repair).await,
+        Command::Audit {
+            all: true,
+            repair,
+            delete_unknown,
+            json,
+            ..
+        } => ops::audit_all(&config, repair, delete_unknown, json).await,
+        Command::Audit { since, repair, .. } => ops::audit(&config, since, repair).await,
+        Command::Resync(args) => ops::resync(&config, &args).await,
         Command::Check => check::run(&config).await,
         Command::Sign {
             file,

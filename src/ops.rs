@@ -1,4 +1,8 @@
-//! The operator commands: `status`, `retry` and `audit`.
+//! The operator commands: `status`, `retry`, `audit` and `resync`.
+
+mod audit_all;
+mod progress;
+mod resync;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -10,7 +14,7 @@ use futures_util::TryStreamExt;
 use mongodb::bson::{Bson, Document, doc};
 use serde_json::{Value, json};
 
-use crate::cli::RetryArgs;
+use crate::cli::{ResyncArgs, RetryArgs};
 use crate::config::Config;
 use crate::{db, mongo, outbox};
 
@@ -554,4 +558,30 @@ async fn audit_with(
     let clean = if repair { fixed >= bad } else { bad == 0 };
     // A row that retention deleted meanwhile could not be requeued.
     Ok(u8::from(!clean || ahead.sequence_behind.is_some()))
+}
+
+/// `outboxd audit --all` (src/ops/audit_all.rs).
+pub async fn audit_all(
+    config: &Config,
+    repair: bool,
+    delete_unknown: bool,
+    json: bool,
+) -> anyhow::Result<u8> {
+    let options = audit_all::Options {
+        repair,
+        delete_unknown,
+        json,
+    };
+    audit_all::run(config, options).await
+}
+
+/// `outboxd resync` (src/ops/resync.rs).
+pub async fn resync(config: &Config, args: &ResyncArgs) -> anyhow::Result<u8> {
+    let options = resync::Options {
+        aggregates: args.aggregates.clone(),
+        since: args.since,
+        rate: args.rate,
+        restart: args.restart,
+    };
+    resync::run(config, &options).await
 }

@@ -9,6 +9,8 @@ use tokio_postgres::Error;
 
 use crate::ingest::webhook::Event;
 
+pub mod current;
+
 /// The channel relays LISTEN on and ingest NOTIFYs.
 pub const CHANNEL: &str = "outboxd_outbox";
 
@@ -530,7 +532,10 @@ pub async fn next_due(client: &impl GenericClient) -> Result<Option<DateTime<Utc
     Ok(client.query_one(&stmt, &[]).await?.get(0))
 }
 
-/// Deletes up to `limit` synced rows older than the retention period.
+/// Deletes up to `limit` synced rows older than the retention period, but never
+/// an aggregate's newest synced row: PostgreSQL keeps each aggregate's current
+/// state for as long as it exists (`creditor_debts_current`, `audit --all`,
+/// `resync`). The EXISTS reads `outbox_messages_aggregate_idx`.
 pub async fn delete_synced_before(
     client: &impl GenericClient,
     retention_s: f64,
@@ -539,8 +544,11 @@ pub async fn delete_synced_before(
     client
         .execute(
             "DELETE FROM outbox_messages WHERE id IN (
-                 SELECT id FROM outbox_messages
+                 SELECT id FROM outbox_messages o
                  WHERE status = 'synced' AND synced_at < now() - $1 * interval '1 second'
+                   AND EXISTS (SELECT 1 FROM outbox_messages newer
+                               WHERE newer.aggregate_id = o.aggregate_id AND newer.id > o.id
+                                 AND newer.status = 'synced')
                  LIMIT $2 FOR UPDATE SKIP LOCKED)",
             &[&retention_s, &limit],
         )

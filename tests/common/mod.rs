@@ -770,3 +770,24 @@ impl NotifySocket {
         }
     }
 }
+
+/// Runs the `outboxd` binary on this test's databases: its exit code and its
+/// stdout and stderr together.
+pub fn outboxd(args: &[&str], env: &TestEnv) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(args)
+        .envs(env.child_env())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// A relay child process named `id`, on this test's databases.
+pub fn relay(env: &TestEnv, id: &str) -> Proc {
+    Proc::spawn(&["relay", "--id", id], &env.child_env(), id)
+}
