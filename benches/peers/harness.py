@@ -301,10 +301,18 @@ def verify(a, msgs):
     with client:
         have = {d["_id"]: d.get("outbox_id") for d in coll.find({}, {"outbox_id": 1})}
     wrong = [(agg, oid, have.get(agg)) for agg, oid in want.items() if have.get(agg) != oid]
-    if wrong:
-        raise SystemExit(f"peers: {len(wrong)} of {len(want)} aggregates do not hold their newest message,"
-                         f" e.g. (aggregate, want, have) {wrong[:3]}")
-    say(f"verified {len(want)} aggregates")
+    if not wrong:
+        say(f"verified {len(want)} aggregates")
+        return {"verified": True}
+    # FerretDB 1.24 (SQLite) filters and writes in two steps: concurrent guarded
+    # updates of one document lose the newer one (gw/guard_race.js shows it).
+    text = (f"{len(wrong)} of {len(want)} aggregates do not hold their newest message,"
+            f" e.g. (aggregate, want, have) {wrong[:3]}; is the server's guarded update atomic?"
+            " (node benches/peers/gw/guard_race.js URL)")
+    if not a.allow_stale:
+        raise SystemExit("peers: " + text)
+    say(text)
+    return {"verified": False, "stale": len(wrong)}
 
 
 def read_apply_logs(tmp, n):
@@ -349,9 +357,9 @@ def cmd_drain(a, peer):
             seconds = time.monotonic() - t0
         finally:
             stop_all(procs)
-    verify(a, msgs)
+    checked = verify(a, msgs)
     print(json.dumps({"peer": peer.name, "mode": "drain", "concurrency": a.concurrency, "rows": len(msgs),
-                      "seconds": round(seconds, 3), "rps": round(len(msgs) / seconds, 1), "verified": True}))
+                      "seconds": round(seconds, 3), "rps": round(len(msgs) / seconds, 1), **checked}))
 
 
 def cmd_lag(a, peer):
@@ -385,12 +393,12 @@ def cmd_lag(a, peer):
     missing = [oid for oid in committed if oid not in applied]
     if missing:
         raise SystemExit(f"peers: {len(missing)} messages have no apply time, e.g. {missing[:5]}")
-    verify(a, msgs)
+    checked = verify(a, msgs)
     lags = sorted(applied[oid] - t for oid, t in committed.items())
     print(json.dumps({"peer": peer.name, "mode": "lag", "concurrency": a.concurrency, "offered_rps": a.rate,
                       "achieved_rps": round(offered, 1), "rows": n,
                       "p50_ms": round(percentile(lags, 0.5), 3), "p99_ms": round(percentile(lags, 0.99), 3),
-                      "max_ms": round(lags[-1], 3), "verified": True}))
+                      "max_ms": round(lags[-1], 3), **checked}))
 
 
 def main():
@@ -405,6 +413,8 @@ def main():
     ap.add_argument("--preload", metavar="AGGREGATES",
                     help="drain/lag: first replace the collection by one document per aggregate in this file")
     ap.add_argument("--reset", action="store_true", help="empty the peer's queue first instead of refusing")
+    ap.add_argument("--allow-stale", action="store_true",
+                    help="report aggregates that lost their newest message as \"verified\": false instead of failing")
     ap.add_argument("--rate", type=float, help="lag: offered messages/s")
     ap.add_argument("--seconds", type=float, help="lag: how long to offer")
     ap.add_argument("--timeout", type=float, default=600, help="drain: fail after this many seconds")
