@@ -100,7 +100,8 @@ pub async fn phase_peers(ctx: &Ctx, plan: &Plan, report: &mut Report) -> anyhow:
                 let client = ctx.pg(&db).await?;
                 let postmaster = support::postmaster_pid(&client).await?;
                 let cpu0 = support::PgCpu::read(postmaster, &db);
-                let out = run(peer, "drain", &args, &log(&format!("drain-{n}"))).await?;
+                let drain = [args.as_slice(), &["--loaded".into()]].concat();
+                let out = run(peer, "drain", &drain, &log(&format!("drain-{n}"))).await?;
                 let cpu = Some(support::PgCpu::read(postmaster, &db).since(&cpu0));
                 let docs = ctx
                     .mongo

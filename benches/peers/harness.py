@@ -337,9 +337,9 @@ def percentile(sorted_values, q):
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
 
 
-def cmd_drain(a, peer):
-    """`drain` mode: load, then time the peer until every message is applied."""
-    msgs = read_workload(a.workload)
+def cmd_load(a, peer, msgs=None):
+    """`load` mode (and drain's first step): preload, then the whole backlog, not timed."""
+    msgs = read_workload(a.workload) if msgs is None else msgs
     if a.preload:
         preload(a.mongodb_url, a.collection, a.preload)
     peer.prepare(a.reset)
@@ -349,6 +349,13 @@ def cmd_drain(a, peer):
         peer.pg.execute("CHECKPOINT")  # the load's, not during the drain
     except psycopg.Error:
         say("no CHECKPOINT before the drain (needs pg_checkpoint); the load's may run during it")
+
+
+def cmd_drain(a, peer):
+    """`drain` mode: load, then time the peer until every message is applied."""
+    msgs = read_workload(a.workload)
+    if not a.loaded:
+        cmd_load(a, peer, msgs)
     with tempfile.TemporaryDirectory(prefix=f"peer-{peer.name}-") as tmp:
         t0 = time.monotonic()
         procs = peer.spawn(tmp)
@@ -404,7 +411,7 @@ def cmd_lag(a, peer):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("peer", choices=["seed", "gw"])
-    ap.add_argument("mode", choices=["preload", "workload", "drain", "lag"])
+    ap.add_argument("mode", choices=["preload", "workload", "load", "drain", "lag"])
     ap.add_argument("--database-url", help="a PostgreSQL database of the peer's own (seed: migrated by outboxd)")
     ap.add_argument("--mongodb-url", help="MongoDB-wire server URL including the database name")
     ap.add_argument("--collection", default="creditor_debts")
@@ -412,6 +419,8 @@ def main():
     ap.add_argument("--workload", help="JSONL, one message per line, in the order enqueued")
     ap.add_argument("--preload", metavar="AGGREGATES",
                     help="drain/lag: first replace the collection by one document per aggregate in this file")
+    ap.add_argument("--loaded", action="store_true",
+                    help="drain: the backlog was loaded by `load` (so a caller can measure the drain alone)")
     ap.add_argument("--reset", action="store_true", help="empty the peer's queue first instead of refusing")
     ap.add_argument("--allow-stale", action="store_true",
                     help="report aggregates that lost their newest message as \"verified\": false instead of failing")
@@ -448,7 +457,7 @@ def main():
         if a.mode == "lag":
             need("rate", "seconds")
         peer = (Seed if a.peer == "seed" else Gw)(a)
-        (cmd_drain if a.mode == "drain" else cmd_lag)(a, peer)
+        {"load": cmd_load, "drain": cmd_drain, "lag": cmd_lag}[a.mode](a, peer)
     except Stop:
         raise SystemExit("peers: stopped by a signal")
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Entry point of the peer relays for outboxd's benchmark (see README.md here).
-#   run.sh PEER MODE [options]     PEER: seed | gw   MODE: install | preload | workload | drain | lag
+#   run.sh PEER MODE [options]     PEER: seed | gw   MODE: install | preload | workload | load | drain | lag
 # Installs what PEER needs on first use (idempotent, from the pinned lockfiles),
 # then hands over to harness.py, which prints one JSON object on stdout.
 set -euo pipefail
@@ -10,7 +10,7 @@ repo="$(cd "$here/../.." && pwd)"
 home="${PEERS_HOME:-${CARGO_TARGET_DIR:-$repo/target}/peers}"
 venv="$home/venv"
 
-[[ $# -ge 2 ]] || { echo "usage: run.sh seed|gw install|preload|workload|drain|lag [options]" >&2; exit 2; }
+[[ $# -ge 2 ]] || { echo "usage: run.sh seed|gw install|preload|workload|load|drain|lag [options]" >&2; exit 2; }
 peer="$1" mode="$2"
 case "$peer" in seed | gw) ;; *) echo "run.sh: unknown peer '$peer' (seed or gw)" >&2; exit 2 ;; esac
 
