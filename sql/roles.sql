@@ -144,7 +144,7 @@ GRANT SELECT ON schema_migrations TO outboxd_ingest;
 -- Only the columns of a row's state may change, never what the message says.
 GRANT SELECT, DELETE ON outbox_messages TO outboxd_relay;
 GRANT UPDATE (status, attempts, next_attempt_at, last_error, locked_by, locked_until,
-              updated_at, synced_at) ON outbox_messages TO outboxd_relay;
+              updated_at, synced_at, resent_at) ON outbox_messages TO outboxd_relay;
 -- The e-mail's sync_status follows its outbox row; the document's source
 -- fields. Not the sender, subject or body: personal data the relay never needs.
 GRANT SELECT (id, ticket_id, webhook_id, sync_status) ON incoming_emails TO outboxd_relay;

@@ -284,8 +284,8 @@ pub async fn mark_synced(
             SET status = 'synced', synced_at = now(), updated_at = now(),
                 locked_by = NULL, locked_until = NULL, last_error = NULL
             WHERE id = ANY($1) AND status = 'processing' AND locked_by = $2 AND locked_until = $3
-            RETURNING id, email_id, aggregate_id, payload,
-                      extract(epoch FROM synced_at - created_at)::float8 AS lag),
+            RETURNING id, email_id, aggregate_id, payload, resent_at,
+                      extract(epoch FROM synced_at - coalesce(resent_at, created_at))::float8 AS lag),
         emails AS (
             UPDATE incoming_emails SET sync_status = 'synced'
             WHERE id IN (SELECT email_id FROM done) AND sync_status <> 'synced'),
@@ -305,7 +305,8 @@ pub async fn mark_synced(
                 SELECT p.payload FROM outbox_messages p
                 WHERE p.aggregate_id = d.aggregate_id AND p.status = 'synced' AND p.id < d.id
                 ORDER BY p.id DESC LIMIT 1) prev ON true
-            WHERE d.id = ANY($4)
+            -- A row sent again (resent_at) mailed when it first synced.
+            WHERE d.id = ANY($4) AND d.resent_at IS NULL
             ON CONFLICT (outbox_id) DO NOTHING
             RETURNING outbox_id)
         SELECT id, lag, id IN (SELECT outbox_id FROM owed) FROM done";
@@ -650,13 +651,15 @@ pub async fn statuses(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// Requeues synced rows whose documents are missing, behind or ahead (audit
-/// `--repair`). Returns how many were still synced.
+/// Requeues synced rows whose documents are missing, behind or ahead (`audit
+/// --all --repair`, `resync`), marked `resent_at` so that their write does not
+/// notify again. Returns how many were still synced.
 pub async fn requeue_synced(client: &impl GenericClient, ids: &[i64]) -> Result<u64, Error> {
     const SQL: &str = "
         WITH moved AS (
             UPDATE outbox_messages
-            SET status = 'pending', attempts = 0, synced_at = NULL, next_attempt_at = now(), updated_at = now()
+            SET status = 'pending', attempts = 0, synced_at = NULL, next_attempt_at = now(),
+                updated_at = now(), resent_at = now()
             WHERE id = ANY($1) AND status = 'synced'
             RETURNING email_id),
         emails AS (

@@ -553,3 +553,44 @@ async fn sigterm_mid_send_finishes_the_send_and_gives_the_rest_back() {
         "no duplicate after a clean stop: {seen:?}"
     );
 }
+
+#[tokio::test]
+async fn rebuilding_a_lost_mongodb_with_resync_mails_nothing_again() {
+    let env = TestEnv::new().await;
+    let sink = SmtpSink::start().await;
+    let (_dir, vars) = notify_file(&env, &sink, "");
+    message(&env, 1, "K-1", "Bank", "10").await;
+    message(&env, 2, "K-2", "Bank", "20").await;
+    let _relay = relay(&vars, "resent-a");
+    assert!(env.wait_synced(Duration::from_secs(30)).await);
+    assert!(wait_mails(&sink, 2, Duration::from_secs(30)).await);
+    // Retention took the sent notifications, then MongoDB was lost.
+    let pg = env.pg().await;
+    pg.execute("DELETE FROM outbox_notifications", &[])
+        .await
+        .unwrap();
+    env.docs().drop().await.unwrap();
+    let (code, out) = outboxd(&["resync"], &vars);
+    assert_eq!(code, 0, "{out}");
+    assert!(env.wait_synced(Duration::from_secs(30)).await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            env.docs()
+                .count_documents(mongodb::bson::doc! {})
+                .await
+                .unwrap()
+                == 2
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sink.count(), 2, "the rebuild mailed again");
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox_notifications").await,
+        0
+    );
+    // A live message after the rebuild still mails.
+    let live = message(&env, 3, "K-1", "Bank", "30").await;
+    assert!(wait_mails(&sink, 3, Duration::from_secs(30)).await);
+    assert_eq!(by_message_id(&sink.mails())[&message_id(live)], 1);
+}
