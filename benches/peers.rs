@@ -50,6 +50,21 @@ async fn run(peer: &str, mode: &str, args: &[String], log: &Path) -> anyhow::Res
     serde_json::from_str(last).with_context(|| format!("peer {peer} {mode}: {last}"))
 }
 
+/// The arguments every `run.sh` mode but install takes: where the peer's
+/// queue, its collection and the workload are.
+fn databases(ctx: &Ctx, db: &str, mongo: &str, workload: &Path) -> Vec<String> {
+    vec![
+        "--database-url".into(),
+        ctx.db_url(db),
+        "--mongodb-url".into(),
+        ctx.mongo_db_url(mongo),
+        "--collection".into(),
+        COLLECTION.into(),
+        "--workload".into(),
+        workload.display().to_string(),
+    ]
+}
+
 /// The workload as `run.sh` reads it: one JSON line per message, in id order.
 fn write_workload(rows: &[Claimed], path: &Path) -> anyhow::Result<()> {
     let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
@@ -84,18 +99,8 @@ pub async fn phase_peers(ctx: &Ctx, plan: &Plan, report: &mut Report) -> anyhow:
             let mongo = ctx.fresh_mongo(&format!("peer{peer}"));
             let result = async {
                 update::preload(ctx, &mongo, target.preload).await?;
-                let args = vec![
-                    "--database-url".into(),
-                    ctx.db_url(&db),
-                    "--mongodb-url".into(),
-                    ctx.mongo_db_url(&mongo),
-                    "--collection".into(),
-                    COLLECTION.into(),
-                    "--workload".into(),
-                    workload.display().to_string(),
-                    "--concurrency".into(),
-                    n.to_string(),
-                ];
+                let mut args = databases(ctx, &db, &mongo, &workload);
+                args.extend(["--concurrency".into(), n.to_string()]);
                 run(peer, "load", &args, &log(&format!("load-{n}"))).await?;
                 let client = ctx.pg(&db).await?;
                 let postmaster = support::postmaster_pid(&client).await?;
@@ -184,20 +189,13 @@ async fn peer_lag(
     let mongo = ctx.fresh_mongo(&format!("peerlag{peer}"));
     let result = async {
         update::preload(ctx, &mongo, target.preload).await?;
-        let args = vec![
-            "--database-url".into(),
-            ctx.db_url(&db),
-            "--mongodb-url".into(),
-            ctx.mongo_db_url(&mongo),
-            "--collection".into(),
-            COLLECTION.into(),
-            "--workload".into(),
-            workload.display().to_string(),
+        let mut args = databases(ctx, &db, &mongo, workload);
+        args.extend([
             "--rate".into(),
             update::FIXED_LAG_RATE.to_string(),
             "--seconds".into(),
             plan.lag_secs.max(5.0).to_string(),
-        ];
+        ]);
         run(peer, "lag", &args, log).await
     }
     .await;

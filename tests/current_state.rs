@@ -57,6 +57,19 @@ async fn ingest_amounts(env: &TestEnv, n: i64, base: i64) {
         .unwrap();
 }
 
+/// Marks every row synced without writing its document: synced long ago, and
+/// the documents since lost.
+async fn synced_long_ago(env: &TestEnv) {
+    env.pg()
+        .await
+        .execute(
+            "UPDATE outbox_messages SET status = 'synced', synced_at = now()",
+            &[],
+        )
+        .await
+        .unwrap();
+}
+
 /// Ages every synced row past a 7-day retention and runs the relay's housekeeping.
 async fn age_and_housekeep(env: &TestEnv) -> u64 {
     env.pg()
@@ -324,14 +337,7 @@ async fn resync_killed_halfway_resumes_without_sending_twice() {
     let env = TestEnv::new().await;
     ingest_amounts(&env, 1000, 0).await;
     // Synced long ago, documents lost: resync has all 1000 to re-send.
-    env.pg()
-        .await
-        .execute(
-            "UPDATE outbox_messages SET status = 'synced', synced_at = now()",
-            &[],
-        )
-        .await
-        .unwrap();
+    synced_long_ago(&env).await;
     let requeued = || async {
         env.count("SELECT coalesce(sum(rows_requeued), 0)::bigint FROM outbox_resyncs")
             .await
@@ -386,14 +392,7 @@ async fn figures() {
     let n: i64 = std::env::var("FIGURES_N").map_or(10_000, |v| v.parse().unwrap());
     let env = TestEnv::new().await;
     ingest_amounts(&env, n, 0).await;
-    env.pg()
-        .await
-        .execute(
-            "UPDATE outbox_messages SET status = 'synced', synced_at = now()",
-            &[],
-        )
-        .await
-        .unwrap();
+    synced_long_ago(&env).await;
     let start = std::time::Instant::now();
     let r = relay(&env, "figures");
     let (code, out) = outboxd(&["resync", "--rate", "1000000"], &env);

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::smtp::{Mail, SmtpSink};
-use common::{Proc, TestEnv, eventually};
+use common::{Proc, TestEnv, eventually, outboxd_with};
 
 const FROM_DOMAIN: &str = "inkasso.example";
 
@@ -372,21 +372,6 @@ async fn a_write_whose_mark_was_lost_still_mails_but_an_already_newer_one_does_n
     );
 }
 
-/// Runs an `outboxd` command with `vars`; answers its exit code and output.
-fn outboxd(args: &[&str], vars: &[(String, String)]) -> (i32, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
-        .args(args)
-        .envs(vars.iter().cloned())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
 #[tokio::test]
 async fn a_refused_mail_fails_shows_in_status_and_retry_sends_it() {
     let env = TestEnv::new().await;
@@ -420,22 +405,22 @@ async fn a_refused_mail_fails_shows_in_status_and_retry_sends_it() {
         1
     );
 
-    let (code, out) = outboxd(&["status", "--json"], &vars);
+    let (code, out) = outboxd_with(&["status", "--json"], &vars);
     assert_eq!(code, 2, "{out}");
     let s: serde_json::Value = serde_json::from_str(&out[..out.rfind('}').unwrap() + 1]).unwrap();
     assert_eq!(s["notifications"]["failed"], 1, "{s}");
     assert_eq!(s["counts"]["synced"], 1, "{s}");
-    let (code, out) = outboxd(&["status"], &vars);
+    let (code, out) = outboxd_with(&["status"], &vars);
     assert!(
         out.contains("notifications   pending 0  processing 0  sent 0  failed 1"),
         "{code} {out}"
     );
 
-    let (code, out) = outboxd(&["retry", "--notification-id", "999999"], &vars);
+    let (code, out) = outboxd_with(&["retry", "--notification-id", "999999"], &vars);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("notification 999999 is not failed"), "{out}");
     sink.set_reject(false);
-    let (code, out) = outboxd(&["retry", "--notifications"], &vars);
+    let (code, out) = outboxd_with(&["retry", "--notifications"], &vars);
     assert_eq!((code, out.trim()), (0, "requeued 1 failed notification"));
     assert!(
         wait_mails(&sink, 1, Duration::from_secs(30)).await,
@@ -453,7 +438,7 @@ async fn a_refused_mail_fails_shows_in_status_and_retry_sends_it() {
     })
     .await;
     assert!(sent);
-    let (code, out) = outboxd(&["status", "--json"], &vars);
+    let (code, out) = outboxd_with(&["status", "--json"], &vars);
     assert_eq!(code, 0, "{out}");
     relay.signal("TERM");
     assert!(relay.wait_timeout(Duration::from_secs(20)).is_some());
@@ -471,7 +456,7 @@ async fn a_bad_notify_config_stops_the_relay_at_start_without_showing_secrets() 
     ] {
         let (_dir, mut vars) = notify_file(&env, &sink, "");
         vars.push((format!("OUTBOXD__NOTIFY__{key}"), value.into()));
-        let (code, out) = outboxd(&["relay", "--id", "bad"], &vars);
+        let (code, out) = outboxd_with(&["relay", "--id", "bad"], &vars);
         assert_eq!(code, 78, "{key}: {out}");
         assert!(out.contains(named), "{key}: {out}");
     }
@@ -487,7 +472,7 @@ async fn a_bad_notify_config_stops_the_relay_at_start_without_showing_secrets() 
     ] {
         let (_dir, mut vars) = notify_file(&env, &sink, "");
         vars.push(("OUTBOXD__NOTIFY__SMTP_PASSWORD_FILE".into(), file));
-        let (code, out) = outboxd(&["relay", "--id", "bad"], &vars);
+        let (code, out) = outboxd_with(&["relay", "--id", "bad"], &vars);
         assert_eq!(code, 78, "{out}");
         assert!(
             out.contains(named) && !out.contains("pw-never-shown"),
@@ -499,7 +484,7 @@ async fn a_bad_notify_config_stops_the_relay_at_start_without_showing_secrets() 
         "OUTBOXD__NOTIFY__SMTP_URL".into(),
         "smtq://user:hunter2-never-shown@127.0.0.1:1".into(),
     ));
-    let (code, out) = outboxd(&["relay", "--id", "bad"], &vars);
+    let (code, out) = outboxd_with(&["relay", "--id", "bad"], &vars);
     assert_eq!(code, 78, "{out}");
     assert!(
         out.contains("notify.smtp_url") && !out.contains("hunter2"),
@@ -570,7 +555,7 @@ async fn rebuilding_a_lost_mongodb_with_resync_mails_nothing_again() {
         .await
         .unwrap();
     env.docs().drop().await.unwrap();
-    let (code, out) = outboxd(&["resync"], &vars);
+    let (code, out) = outboxd_with(&["resync"], &vars);
     assert_eq!(code, 0, "{out}");
     assert!(env.wait_synced(Duration::from_secs(30)).await);
     assert!(

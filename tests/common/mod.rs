@@ -774,9 +774,14 @@ impl NotifySocket {
 /// Runs the `outboxd` binary on this test's databases: its exit code and its
 /// stdout and stderr together.
 pub fn outboxd(args: &[&str], env: &TestEnv) -> (i32, String) {
+    outboxd_with(args, &env.child_env())
+}
+
+/// `outboxd`, with the environment `vars` (a test's own config file, say).
+pub fn outboxd_with(args: &[&str], vars: &[(String, String)]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_outboxd"))
         .args(args)
-        .envs(env.child_env())
+        .envs(vars.iter().cloned())
         .output()
         .unwrap();
     let text = format!(
