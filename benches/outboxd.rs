@@ -571,7 +571,7 @@ async fn phase_ingest(ctx: &Ctx, plan: &Plan, report: &mut Report) -> anyhow::Re
 async fn ingest_round(ctx: &Ctx, plan: &Plan, round: usize) -> anyhow::Result<IngestRound> {
     let db = ctx.fresh_db("ingest").await?;
     let result: anyhow::Result<IngestRound> = async {
-        let addr = SocketAddr::from(([127, 0, 0, 1], support::free_port()?));
+        let addr = SocketAddr::from(([127, 0, 0, 1], support::free_port()));
         let mut ingest = Proc::spawn(
             Path::new(BIN),
             &["ingest", "--listen", &addr.to_string()],
@@ -969,7 +969,7 @@ async fn relay_drain(
         let mut env = ctx.child_env(db, &mongo);
         env.extend(setting.env());
         let postmaster = support::postmaster_pid(&client).await?;
-        let pg_cpu0 = support::PgCpu::read(postmaster, db);
+        let pg_cpu = support::PgCpuWatch::start(postmaster, db);
         let t0 = Utc::now();
         let clock = Instant::now();
         let mut relays = Vec::new();
@@ -1012,7 +1012,7 @@ async fn relay_drain(
             .await?
             .get(0);
         let secs = (last - t0).num_microseconds().unwrap_or(0) as f64 / 1e6;
-        let pg_cpu_s = Some(support::PgCpu::read(postmaster, db).since(&pg_cpu0));
+        let pg_cpu_s = Some(pg_cpu.stop());
         let rss_kib: Vec<u64> = relays.iter().filter_map(Proc::peak_rss_kib).collect();
         let relay_cpu_s: f64 = relays.iter().filter_map(Proc::cpu_s).sum();
         for r in &mut relays {
@@ -1515,7 +1515,7 @@ impl Pipeline {
                     &ctx.log_path(&format!("relay-{tag}-{i}")),
                 )?);
             }
-            let addr = SocketAddr::from(([127, 0, 0, 1], support::free_port()?));
+            let addr = SocketAddr::from(([127, 0, 0, 1], support::free_port()));
             procs.push(Proc::spawn(
                 Path::new(BIN),
                 &["ingest", "--listen", &addr.to_string()],

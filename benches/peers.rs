@@ -104,10 +104,10 @@ pub async fn phase_peers(ctx: &Ctx, plan: &Plan, report: &mut Report) -> anyhow:
                 run(peer, "load", &args, &log(&format!("load-{n}"))).await?;
                 let client = ctx.pg(&db).await?;
                 let postmaster = support::postmaster_pid(&client).await?;
-                let cpu0 = support::PgCpu::read(postmaster, &db);
+                let cpu = support::PgCpuWatch::start(postmaster, &db);
                 let drain = [args.as_slice(), &["--loaded".into()]].concat();
                 let out = run(peer, "drain", &drain, &log(&format!("drain-{n}"))).await?;
-                let cpu = Some(support::PgCpu::read(postmaster, &db).since(&cpu0));
+                let cpu = Some(cpu.stop());
                 let docs = ctx
                     .mongo
                     .database(&mongo)

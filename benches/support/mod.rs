@@ -19,8 +19,11 @@ use tokio_postgres::NoTls;
 /// The webhook secret the benchmark's ingest runs with.
 pub const SECRET: &str = "bench-secret-not-for-production";
 
+#[path = "../../tests/common/ports.rs"]
+mod ports;
 #[path = "../../tests/common/urls.rs"]
 mod urls;
+pub use ports::free_port;
 pub use urls::{check_loopback, with_database};
 
 /// Connects a plain client (its connection task runs in the background).
@@ -338,13 +341,49 @@ impl PgCpu {
         PgCpu(by_pid)
     }
 
-    /// CPU seconds since `earlier`. A backend that exited in between is lost
-    /// (the relays and peers keep their connections for the whole drain).
+    /// CPU seconds since `earlier`. A backend that exited in between is lost:
+    /// `PgCpuWatch` samples while a drain runs for that reason.
     pub fn since(&self, earlier: &PgCpu) -> f64 {
         self.0
             .iter()
             .map(|(pid, cpu)| cpu - earlier.0.get(pid).copied().unwrap_or(0.0))
             .sum()
+    }
+}
+
+/// `PgCpu` sampled every 250 ms from a thread of its own, so backends that exit
+/// before the end (a peer's sessions close with its process) still count, up
+/// to their last sample.
+pub struct PgCpuWatch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<f64>,
+}
+
+impl PgCpuWatch {
+    pub fn start(postmaster: i32, db: &str) -> PgCpuWatch {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (db, stopped) = (db.to_owned(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let start = PgCpu::read(postmaster, &db);
+            let mut last = PgCpu(start.0.clone());
+            loop {
+                let done = stopped.load(std::sync::atomic::Ordering::Relaxed);
+                // CPU time only grows, so a pid's newest reading is its total.
+                last.0.extend(PgCpu::read(postmaster, &db).0);
+                if done {
+                    return last.since(&start);
+                }
+                // Seldom: each sample reads every process's /proc entries.
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        });
+        PgCpuWatch { stop, thread }
+    }
+
+    /// CPU seconds since `start`.
+    pub fn stop(self) -> f64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or(f64::NAN)
     }
 }
 
@@ -408,13 +447,6 @@ pub fn median(values: &[f64]) -> Option<f64> {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     })
-}
-
-/// A free loopback port (bound and released at once).
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// Waits until something accepts TCP connections on `addr`.
