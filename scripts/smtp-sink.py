@@ -6,7 +6,9 @@ If DIR/.delay holds a number, each DATA answer waits that many seconds after
 the message is stored (a server that received the mail but stalls before it
 says so: a client killed meanwhile has sent it without knowing); if
 DIR/.refuse exists, DATA answers 451 (a server that is up but fails sends);
-if DIR/.reject exists, 550 (the mail refused for good).
+if DIR/.reject exists, 550 (the mail refused for good); if DIR/.slow holds a
+number, each MAIL, RCPT and DATA answer waits that many seconds (a slow server,
+on which a whole send outlasts the client's deadline though no step does).
 Usage: smtp-sink.py PORT DIR
 """
 import asyncio
@@ -24,7 +26,26 @@ class Store:
         stored = [int(n[:6]) for n in os.listdir(directory) if n.endswith(".eml")]
         self.seq = itertools.count(max(stored, default=0) + 1)
 
+    async def slow(self):
+        try:
+            with open(os.path.join(self.dir, ".slow")) as f:
+                await asyncio.sleep(float(f.read().strip() or 0))
+        except (OSError, ValueError):
+            pass
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        await self.slow()
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        await self.slow()
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server, session, envelope):
+        await self.slow()
         if os.path.exists(os.path.join(self.dir, ".reject")):
             return "550 5.7.1 rejected for the test"
         if os.path.exists(os.path.join(self.dir, ".refuse")):

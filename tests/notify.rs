@@ -373,6 +373,54 @@ async fn a_write_whose_mark_was_lost_still_mails_but_an_already_newer_one_does_n
 }
 
 #[tokio::test]
+async fn a_send_cut_off_by_its_deadline_leaves_no_connection_that_fails_the_next_mails() {
+    let env = TestEnv::new().await;
+    let sink = SmtpSink::start().await;
+    // Each step answers within the 1 s step timeout, but a whole send (MAIL and
+    // two RCPTs) outlasts the send's deadline of twice that.
+    let (_dir, mut vars) = notify_file(&env, &sink, "concurrency = 1\n");
+    vars.push(("OUTBOXD__NOTIFY__TIMEOUT_MS".into(), "1000".into()));
+    sink.set_slow(0.8);
+    let mut relay = relay(&vars, "notify-cut-off");
+    let first = message(&env, 8, "K-8", "Bank", "5").await;
+    let timed_out = eventually(Duration::from_secs(30), || async {
+        env.count("SELECT count(*) FROM outbox_notifications WHERE attempts >= 1")
+            .await
+            == 1
+    })
+    .await;
+    assert!(timed_out, "{}", relay.log_text());
+    sink.set_slow(0.0);
+    let second = message(&env, 9, "K-9", "Sparkasse", "6").await;
+    let all = BTreeSet::from([message_id(first), message_id(second)]);
+    let arrived = eventually(Duration::from_secs(30), || async {
+        by_message_id(&sink.mails())
+            .keys()
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            == all
+    })
+    .await;
+    let failed: Vec<String> = env
+        .pg()
+        .await
+        .query(
+            "SELECT outbox_id || ': ' || coalesce(last_error, '') FROM outbox_notifications
+             WHERE status = 'failed'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(failed, Vec::<String>::new(), "{}", relay.log_text());
+    assert!(arrived, "{:?}; {}", sink.mails().len(), relay.log_text());
+    relay.signal("TERM");
+    assert!(relay.wait_timeout(Duration::from_secs(20)).is_some());
+}
+
+#[tokio::test]
 async fn a_refused_mail_fails_shows_in_status_and_retry_sends_it() {
     let env = TestEnv::new().await;
     let sink = SmtpSink::start().await;

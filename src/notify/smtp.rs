@@ -82,16 +82,31 @@ impl Smtp {
 
     /// Sends one mail, within the timeout.
     pub async fn send(&self, message: Message) -> Result<(), SendError> {
-        match tokio::time::timeout(self.timeout * 2, self.transport.send(message)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) if e.is_permanent() => Err(SendError::Permanent(describe(&e))),
-            Ok(Err(e)) => Err(SendError::Transient(describe(&e))),
+        // In a task of its own: a send cut off at the deadline runs on to its
+        // end (each step has the timeout), instead of handing a connection
+        // stopped mid-transaction back to lettre's pool, where the next mail's
+        // MAIL would be refused "503 nested MAIL command".
+        let transport = self.transport.clone();
+        let send = tokio::spawn(async move { transport.send(message).await });
+        match tokio::time::timeout(self.timeout * 2, send).await {
+            Ok(Ok(Ok(_))) => Ok(()),
+            Ok(Ok(Err(e))) if e.is_permanent() && !out_of_sequence(&e) => {
+                Err(SendError::Permanent(describe(&e)))
+            }
+            Ok(Ok(Err(e))) => Err(SendError::Transient(describe(&e))),
+            Ok(Err(e)) => Err(SendError::Transient(format!("the send task failed: {e}"))),
             Err(_) => Err(SendError::Transient(format!(
                 "no answer from the SMTP server within {:?}",
                 self.timeout * 2
             ))),
         }
     }
+}
+
+/// 503 "bad sequence of commands" is about the connection's state, not the
+/// mail: lettre drops that connection, and a retry on a new one can succeed.
+fn out_of_sequence(e: &lettre::transport::smtp::Error) -> bool {
+    e.status().is_some_and(|code| u16::from(code) == 503)
 }
 
 /// The password from `notify.smtp_password_file`, else the credential

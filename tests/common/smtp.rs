@@ -93,6 +93,11 @@ impl SmtpSink {
         std::fs::write(self.dir.path().join(".delay"), seconds.to_string()).unwrap();
     }
 
+    /// Each MAIL, RCPT and DATA answer waits `seconds` (0: none).
+    pub fn set_slow(&self, seconds: f64) {
+        std::fs::write(self.dir.path().join(".slow"), seconds.to_string()).unwrap();
+    }
+
     /// Whether DATA is answered 550, refusing each mail for good.
     pub fn set_reject(&self, reject: bool) {
         let path = self.dir.path().join(".reject");
