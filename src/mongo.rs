@@ -60,9 +60,11 @@ pub enum Outcome {
     /// Nothing written: the document already held a newer message. Only
     /// `apply_detailed` answers it.
     AlreadyNewer,
-    /// Worth retrying later: the server or the network failed.
+    /// Worth retrying later: the server answered that it failed, or the
+    /// command was never sent.
     Transient(String),
-    /// No answer in time: retry later, but the write may still land meanwhile.
+    /// No answer (in time, or the connection failed once the command may have
+    /// left): retry later, but the write may still land meanwhile.
     Unanswered(String),
     /// The document was rejected; retrying cannot help.
     Permanent(String),
@@ -573,6 +575,16 @@ fn classify(err: &MongoError) -> Outcome {
         ErrorKind::Write(_)
         | ErrorKind::InvalidArgument { .. }
         | ErrorKind::BsonSerialization(_) => false,
+        // The connection failed, or the driver cleared its pool (a heartbeat
+        // timed out), perhaps after the command left: the write may yet land,
+        // so the aggregate stays held as after a timeout.
+        ErrorKind::Io(_)
+        | ErrorKind::ConnectionPoolCleared { .. }
+        | ErrorKind::InvalidResponse { .. }
+            if !err.contains_label("NoWritesPerformed") =>
+        {
+            return Outcome::Unanswered(text);
+        }
         _ => true,
     };
     if transient || err.contains_label("RetryableWriteError") {

@@ -5,7 +5,9 @@
 //! seen going backwards, or duplicated. All of those must be zero. The relays
 //! also send notification e-mails to a real SMTP server (aiosmtpd), which the
 //! `smtp` fault stops: no notification may be lost; duplicate mails (a relay
-//! killed mid-send) are counted in the report, each with its Message-ID.
+//! killed mid-send) are counted in the report, each with its Message-ID. The
+//! `stall` fault freezes FerretDB (SIGSTOP) past the relays' MongoDB timeout, so
+//! that writes land after their relay gave up waiting: none may go backwards.
 //!
 //! CHAOS_PROFILE=full (the default of `make chaos`) runs ~10 minutes of faults;
 //! unset, a quick profile (~2 minutes) runs inside `make test`.
@@ -32,6 +34,9 @@ use serde_json::{Value, json};
 const RELAYS: usize = 3;
 const AGGREGATES: usize = 50;
 const LEASE_S: u64 = 3;
+/// The relays' MongoDB timeout: below the lease, so that one attempt cannot
+/// outlive its lease.
+const MONGO_TIMEOUT_MS: u64 = 1500;
 const RELAY_SHUTDOWN_TIMEOUT_S: u64 = 5;
 /// The schedule `make test` replays; `CHAOS_SEED` picks another.
 const FIXED_SEED: u64 = 20261128;
@@ -46,10 +51,13 @@ enum Kind {
     Pause,
     /// The SMTP server of the notification e-mails stopped for a while.
     Smtp,
+    /// FerretDB frozen (SIGSTOP) for 2–3× the relays' MongoDB timeout: writes
+    /// in flight get no answer, and land when it thaws.
+    Stall,
 }
 
 impl Kind {
-    const ALL: [Kind; 7] = [
+    const ALL: [Kind; 8] = [
         Kind::Kill9,
         Kind::Sigterm,
         Kind::Ferret,
@@ -57,6 +65,7 @@ impl Kind {
         Kind::Terminate,
         Kind::Pause,
         Kind::Smtp,
+        Kind::Stall,
     ];
 
     fn name(self) -> &'static str {
@@ -68,6 +77,7 @@ impl Kind {
             Kind::Terminate => "terminate",
             Kind::Pause => "pause",
             Kind::Smtp => "smtp",
+            Kind::Stall => "stall",
         }
     }
 }
@@ -524,8 +534,10 @@ async fn chaos_campaign() {
                 "1000".into(),
             ),
             ("OUTBOXD__DATABASE__POOL_WAIT_MS".into(), "1000".into()),
-            // Below the lease, so that one MongoDB attempt cannot outlive its lease.
-            ("OUTBOXD__MONGODB__TIMEOUT_MS".into(), "1500".into()),
+            (
+                "OUTBOXD__MONGODB__TIMEOUT_MS".into(),
+                MONGO_TIMEOUT_MS.to_string(),
+            ),
             // Leases are not renewed, so a whole batch must fit in one (README): at
             // FerretDB's tens of updates per second here, 100 rows would not fit in 3 s.
             ("OUTBOXD__RELAY__BATCH_SIZE".into(), "20".into()),
@@ -765,6 +777,14 @@ async fn chaos_campaign() {
                 tokio::time::sleep(Duration::from_millis(down_ms)).await;
                 smtp.resume().await;
                 detail = json!({"down_ms": down_ms});
+                Instant::now()
+            }
+            Kind::Stall => {
+                let stall_ms = rng.u64(2 * MONGO_TIMEOUT_MS..=3 * MONGO_TIMEOUT_MS);
+                ferret.signal("STOP");
+                tokio::time::sleep(Duration::from_millis(stall_ms)).await;
+                ferret.signal("CONT");
+                detail = json!({"stall_ms": stall_ms});
                 Instant::now()
             }
             Kind::Pause => {
@@ -1052,7 +1072,7 @@ async fn chaos_campaign() {
     let count = |k: Kind| counts.get(&k).copied().unwrap_or(0);
     let accepted = stats.accepted.len();
     let summary = format!(
-        "chaos: faults={faults} (kill9={} sigterm={} ferret={} pgrestart={} terminate={} pause={} smtp={}) accepted={accepted} lost={} unsynced={unsynced} behind={} regressions={} duplicates={duplicates} notifications={} lost_notifications={} duplicate_mails={mail_duplicates} max_recovery_s={max_recovery:.2}",
+        "chaos: faults={faults} (kill9={} sigterm={} ferret={} pgrestart={} terminate={} pause={} smtp={} stall={}) accepted={accepted} lost={} unsynced={unsynced} behind={} regressions={} duplicates={duplicates} notifications={} lost_notifications={} duplicate_mails={mail_duplicates} max_recovery_s={max_recovery:.2}",
         count(Kind::Kill9),
         count(Kind::Sigterm),
         count(Kind::Ferret),
@@ -1060,6 +1080,7 @@ async fn chaos_campaign() {
         count(Kind::Terminate),
         count(Kind::Pause),
         count(Kind::Smtp),
+        count(Kind::Stall),
         lost.len(),
         behind.len(),
         regressions.len(),
@@ -1089,7 +1110,7 @@ async fn chaos_campaign() {
         "private_postgres": cluster.is_some(),
         "faults": {"total": faults, "kill9": count(Kind::Kill9), "sigterm": count(Kind::Sigterm), "ferret": count(Kind::Ferret),
                    "pgrestart": count(Kind::PgRestart), "terminate": count(Kind::Terminate), "pause": count(Kind::Pause),
-                   "smtp": count(Kind::Smtp)},
+                   "smtp": count(Kind::Smtp), "stall": count(Kind::Stall)},
         "accepted": accepted,
         "accepted_per_s": accepted as f64 / load_s,
         "incoming_emails_rows": stored.len(),
