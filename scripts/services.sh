@@ -23,6 +23,10 @@ PG_ROLE=outboxd
 PG_PASSWORD=outboxd
 PG_DB=outboxd
 PG_MAX_CONNECTIONS=400
+# TLS for the tests of `sslmode`: a CA of our own, a server certificate for
+# localhost and 127.0.0.1, and a role that may log in over TLS only.
+PG_TLS_ROLE=outboxd_tls
+PG_TLS_PASSWORD=outboxd_tls
 
 FERRET_VERSION=v1.24.2
 FERRET_MODULE=github.com/FerretDB/FerretDB
@@ -258,7 +262,58 @@ SQL
         die "cannot log in as $PG_ROLE over TCP at 127.0.0.1:$PG_PORT" \
             "check $hba (needs a 'host ... 127.0.0.1/32 scram-sha-256' line) and the server log"
     fi
+    ensure_pg_tls "$ver" "$conf"
     log "PostgreSQL ready: postgres://$PG_ROLE:***@127.0.0.1:$PG_PORT/$PG_DB"
+}
+
+ensure_pg_tls() { # VER CONF
+    local ver="$1" conf="$2" dir="$2/outboxd-tls" ca="$STATE/pg-tls/ca.crt" tmp
+    if ! as_root test -s "$dir/server.crt" || ! [ -s "$ca" ]; then
+        have openssl || die "openssl is needed to make PostgreSQL's test certificates" "apt-get install -y openssl"
+        log "creating a test CA and a server certificate (localhost, 127.0.0.1) in $dir"
+        tmp="$(mktemp -d)"
+        openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=outboxd test CA" \
+            -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+            -keyout "$tmp/ca.key" -out "$tmp/ca.crt" 2>/dev/null || die "openssl could not make the test CA"
+        openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+            -keyout "$tmp/server.key" -out "$tmp/server.csr" 2>/dev/null || die "openssl could not make the server key"
+        printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$tmp/ext"
+        openssl x509 -req -in "$tmp/server.csr" -CA "$tmp/ca.crt" -CAkey "$tmp/ca.key" -CAcreateserial \
+            -days 3650 -extfile "$tmp/ext" -out "$tmp/server.crt" 2>/dev/null || die "openssl could not sign the server certificate"
+        as_root install -d -o postgres -g postgres -m 700 "$dir"
+        as_root install -o postgres -g postgres -m 600 "$tmp/server.key" "$dir/server.key"
+        as_root install -o postgres -g postgres -m 644 "$tmp/server.crt" "$dir/server.crt"
+        mkdir -p "$(dirname "$ca")"
+        cp "$tmp/ca.crt" "$ca"
+        rm -rf "$tmp"
+    fi
+    if [ "$(pg_super -tAc 'SHOW ssl')" != on ] || [ "$(pg_super -tAc 'SHOW ssl_cert_file')" != "$dir/server.crt" ]; then
+        log "turning on TLS in PostgreSQL $ver/main with the test certificate"
+        pg_super -c "ALTER SYSTEM SET ssl = on" -c "ALTER SYSTEM SET ssl_cert_file = '$dir/server.crt'" \
+            -c "ALTER SYSTEM SET ssl_key_file = '$dir/server.key'" -c "SELECT pg_reload_conf()" >/dev/null
+        sleep 1
+        [ "$(pg_super -tAc 'SHOW ssl_cert_file')" = "$dir/server.crt" ] ||
+            die "PostgreSQL did not take the TLS settings" "see /var/log/postgresql/postgresql-$ver-main.log"
+    fi
+    # First lines win: this role gets in over TLS only.
+    local hba="$conf/pg_hba.conf"
+    if ! as_root grep -Eq "^hostssl[[:space:]]+all[[:space:]]+$PG_TLS_ROLE[[:space:]]" "$hba"; then
+        log "letting $PG_TLS_ROLE log in over TLS only ($hba)"
+        as_root sed -i "1i hostssl all $PG_TLS_ROLE 127.0.0.1/32 scram-sha-256\\
+host    all $PG_TLS_ROLE 127.0.0.1/32 reject" "$hba"
+        pg_super -tAc 'SELECT pg_reload_conf()' >/dev/null
+    fi
+    pg_super <<SQL
+DO \$\$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_TLS_ROLE') THEN
+        CREATE ROLE $PG_TLS_ROLE;
+    END IF;
+END
+\$\$;
+ALTER ROLE $PG_TLS_ROLE WITH LOGIN PASSWORD '$PG_TLS_PASSWORD';
+GRANT $PG_ROLE TO $PG_TLS_ROLE;
+SQL
 }
 
 # ------------------------------------------------- FerretDB's PostgreSQL backend
@@ -602,6 +657,9 @@ up() {
     fi
     printf 'export DATABASE_URL=%q\n' "postgres://$PG_ROLE:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB"
     printf 'export MONGODB_URL=%q\n' "$MONGO_OUT"
+    # For the tests of sslmode: the test CA, and the role that needs TLS.
+    printf 'export OUTBOXD_TEST_PG_CA=%q\n' "$STATE/pg-tls/ca.crt"
+    printf 'export OUTBOXD_TEST_PG_TLS_URL=%q\n' "postgres://$PG_TLS_ROLE:$PG_TLS_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB"
     # For the tests' private FerretDB instances: a database each on this cluster.
     if [ "$FERRET_HANDLER" = postgresql ]; then
         printf 'export FERRETDB_POSTGRESQL_URL=%q\n' "$FERRET_PG_URL"

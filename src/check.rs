@@ -34,10 +34,10 @@ pub async fn run(config: &Config) -> anyhow::Result<u8> {
 }
 
 async fn postgres(config: &Config) -> anyhow::Result<String> {
-    let mut pg = db::pg_config(&config.database)?;
-    pg.connect_timeout(CHECK_TIMEOUT);
-    let (client, connection) = pg
-        .connect(tokio_postgres::NoTls)
+    let mut connector = db::connector(&config.database)?;
+    connector.pg.connect_timeout(CHECK_TIMEOUT);
+    let (client, connection) = connector
+        .connect()
         .await
         .map_err(|e| anyhow::anyhow!("unreachable: {}", db::describe(&e)))?;
     tokio::spawn(connection);

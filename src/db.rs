@@ -1,4 +1,9 @@
-//! The PostgreSQL connection pool and the error classes the daemons act on.
+//! PostgreSQL connections (the pool, and single sessions over the same TLS)
+//! and the error classes the daemons act on.
+
+mod tls;
+
+pub use tls::{SslMode, TlsSettings};
 
 use std::time::Duration;
 
@@ -7,8 +12,10 @@ use deadpool_postgres::{
     Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts,
 };
 use secrecy::ExposeSecret;
-use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, Connection, Socket};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::DatabaseConfig;
 
@@ -21,9 +28,16 @@ const SERVER_KEEPALIVES: &str =
 
 /// Parses the URL and applies the configured timeouts; errors never echo the URL.
 pub fn pg_config(config: &DatabaseConfig) -> anyhow::Result<tokio_postgres::Config> {
-    let mut pg: tokio_postgres::Config = config.url.expose_secret().parse().map_err(|_| {
+    Ok(parse(config)?.0)
+}
+
+/// The session settings and the URL's TLS parameters.
+fn parse(config: &DatabaseConfig) -> anyhow::Result<(tokio_postgres::Config, TlsSettings)> {
+    let (url, tls) = tls::split(config.url.expose_secret())?;
+    let mut pg: tokio_postgres::Config = url.parse().map_err(|_| {
         crate::config::Invalid("invalid `database.url` (DATABASE_URL): not a PostgreSQL URL".into())
     })?;
+    pg.ssl_mode(tls.pg_mode());
     pg.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
     // Our side of keepalive: a session whose server vanished (a crash, a
     // failover, a partition) fails within ~25 s, not the kernel's ~2 h. The
@@ -60,7 +74,34 @@ pub fn pg_config(config: &DatabaseConfig) -> anyhow::Result<tokio_postgres::Conf
     if !options.is_empty() {
         pg.options(options.join(" "));
     }
-    Ok(pg)
+    Ok((pg, tls))
+}
+
+/// The TLS stream of a session that `Connector::connect` opened.
+pub type TlsStream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
+
+/// Opens single sessions (LISTEN, migrate, check) as the pool does.
+pub struct Connector {
+    pub pg: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+}
+
+impl Connector {
+    pub async fn connect(
+        &self,
+    ) -> Result<(Client, Connection<Socket, TlsStream>), tokio_postgres::Error> {
+        self.pg.connect(self.tls.clone()).await
+    }
+}
+
+/// The settings and TLS of `database.url`; a bad `sslmode` or unreadable
+/// `sslrootcert` is a configuration error.
+pub fn connector(config: &DatabaseConfig) -> anyhow::Result<Connector> {
+    let (pg, tls) = parse(config)?;
+    Ok(Connector {
+        pg,
+        tls: tls.connector()?,
+    })
 }
 
 /// Pooled connections are replaced once this old: a session opened on a server
@@ -70,10 +111,10 @@ const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
 
 /// Builds a pool; connections are opened lazily, so this succeeds while PostgreSQL is down.
 pub fn pool(config: &DatabaseConfig) -> anyhow::Result<Pool> {
-    let pg = pg_config(config)?;
+    let Connector { pg, tls } = connector(config)?;
     let manager = Manager::from_config(
         pg,
-        NoTls,
+        tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },

@@ -36,9 +36,8 @@ fn checksum(sql: &str) -> String {
 
 /// `outboxd migrate`: applies pending migrations and says what it did.
 pub async fn command(config: &crate::config::Config) -> anyhow::Result<u8> {
-    let pg = crate::db::pg_config(&config.database)?;
-    let (mut client, connection) = pg
-        .connect(tokio_postgres::NoTls)
+    let (mut client, connection) = crate::db::connector(&config.database)?
+        .connect()
         .await
         .map_err(|e| anyhow::anyhow!("PostgreSQL unreachable: {}", crate::db::describe(&e)))?;
     tokio::spawn(connection);

@@ -490,3 +490,134 @@ async fn options_in_the_database_url_are_kept_beside_the_timeout_and_keepalives(
     quiet.statement_timeout_ms = 0;
     assert_eq!(outboxd::db::pg_config(&quiet).unwrap().get_options(), None);
 }
+
+/// The test role that may log in over TLS only (scripts/services.sh), on this
+/// test's database, with `params` (sslmode and its friends).
+fn tls_url(env: &TestEnv, params: &str) -> String {
+    let url = std::env::var("OUTBOXD_TEST_PG_TLS_URL")
+        .expect("OUTBOXD_TEST_PG_TLS_URL is set (run `eval \"$(make -s services)\"`)");
+    check_loopback("OUTBOXD_TEST_PG_TLS_URL", &url).unwrap_or_else(|e| panic!("{e}"));
+    let base = url.rsplit_once('/').unwrap().0;
+    format!("{base}/{}?{params}", env.name)
+}
+
+fn test_ca() -> String {
+    std::env::var("OUTBOXD_TEST_PG_CA").expect("OUTBOXD_TEST_PG_CA is set (make services)")
+}
+
+fn with_database_url(env: &TestEnv, url: &str) -> Vec<(String, String)> {
+    let mut vars = env.child_env();
+    vars.retain(|(k, _)| k != "DATABASE_URL");
+    vars.push(("DATABASE_URL".into(), url.to_owned()));
+    vars
+}
+
+#[tokio::test]
+async fn ingest_and_relay_speak_tls_to_postgresql_with_verify_full() {
+    let env = TestEnv::new().await;
+    let url = tls_url(
+        &env,
+        &format!("sslmode=verify-full&sslrootcert={}", test_ca()),
+    );
+    let (code, out) = outboxd_with(&["migrate"], &with_database_url(&env, &url));
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = outboxd_with(&["check"], &with_database_url(&env, &url));
+    assert_eq!(code, 0, "{out}");
+
+    let mut config = env.config();
+    config.database.url = url.clone().into();
+    let ingest = Ingest::start(&config).await;
+    let (status, body) = post_signed(&http(), &ingest.url(), &event(1, "K-1", "Bank", "10")).await;
+    assert_eq!(status, 202, "{body}");
+    let mut relay = Proc::spawn(
+        &["relay", "--id", "tls-relay"],
+        &with_database_url(&env, &url),
+        "tls-relay",
+    );
+    assert!(
+        env.wait_synced(Duration::from_secs(30)).await,
+        "{}",
+        relay.log_text()
+    );
+    // Every session of the TLS-only role, the relay's LISTEN among them, is encrypted.
+    // Seen from a session of that role (other roles' rows are hidden), opened
+    // by outboxd's own connector.
+    let (client, connection) = outboxd::db::connector(&config.database)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let sessions: Vec<(String, bool)> = client
+        .query(
+            "SELECT a.query, s.ssl FROM pg_stat_activity a
+             JOIN pg_stat_ssl s ON s.pid = a.pid
+             WHERE a.datname = current_database() AND a.usename = 'outboxd_tls'
+               AND a.pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(
+        sessions
+            .iter()
+            .any(|(query, _)| query.starts_with("LISTEN")),
+        "{sessions:?}"
+    );
+    assert!(sessions.iter().all(|(_, ssl)| *ssl), "{sessions:?}");
+    relay.signal("TERM");
+    assert!(relay.wait_timeout(Duration::from_secs(20)).is_some());
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn tls_that_the_server_or_its_certificate_refuses_fails_with_the_reason() {
+    let env = TestEnv::new().await;
+    // No TLS for a role that may log in only with it: the server's reason.
+    let (code, out) = outboxd_with(
+        &["migrate"],
+        &with_database_url(&env, &tls_url(&env, "sslmode=disable")),
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("no encryption"), "{out}");
+    assert!(!out.contains("outboxd_tls:outboxd_tls"), "{out}");
+
+    // A certificate from a CA that is not the given one.
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other-ca.crt");
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=another CA", "-keyout"])
+        .arg(dir.path().join("other-ca.key"))
+        .arg("-out")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    for mode in ["verify-ca", "verify-full"] {
+        let url = tls_url(
+            &env,
+            &format!("sslmode={mode}&sslrootcert={}", other.display()),
+        );
+        let (code, out) = outboxd_with(&["migrate"], &with_database_url(&env, &url));
+        assert_ne!(code, 0, "{mode}: {out}");
+        assert!(out.contains("certificate"), "{mode}: {out}");
+    }
+
+    // A root certificate file that cannot be read: a configuration error.
+    let url = tls_url(&env, "sslmode=verify-full&sslrootcert=/nonexistent/ca.crt");
+    let (code, out) = outboxd_with(&["migrate"], &with_database_url(&env, &url));
+    assert_eq!(code, 78, "{out}");
+    assert!(out.contains("sslrootcert /nonexistent/ca.crt"), "{out}");
+    let (code, out) = outboxd_with(
+        &["migrate"],
+        &with_database_url(&env, &tls_url(&env, "sslmode=always")),
+    );
+    assert_eq!(code, 78, "{out}");
+    assert!(out.contains("sslmode=always"), "{out}");
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::outbox::CHANNEL;
@@ -24,7 +24,7 @@ fn wake_all(wakers: &[Arc<Notify>]) {
 /// if all are busy): waking all of them would send each one to claim, and all
 /// but one would find nothing. A reconnect wakes every worker, through `wakers`.
 pub async fn run(
-    pg: tokio_postgres::Config,
+    pg: crate::db::Connector,
     wakers: Vec<Arc<Notify>>,
     nudge: Arc<Notify>,
     poll_ms: u64,
@@ -71,7 +71,7 @@ struct Lost {
 }
 
 async fn listen(
-    pg: &tokio_postgres::Config,
+    pg: &crate::db::Connector,
     wakers: &[Arc<Notify>],
     nudge: &Arc<Notify>,
     shutdown: &CancellationToken,
@@ -84,7 +84,7 @@ async fn listen(
         connected: None,
         error: format!("no connection and LISTEN within {SET_UP:?}"),
     };
-    let (client, mut connection) = tokio::time::timeout(SET_UP, pg.connect(NoTls))
+    let (client, mut connection) = tokio::time::timeout(SET_UP, pg.connect())
         .await
         .map_err(timed_out)?
         .map_err(lost)?;

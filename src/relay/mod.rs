@@ -89,7 +89,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     let wakers: Vec<Arc<Notify>> = (0..config.relay.workers)
         .map(|_| Arc::new(Notify::new()))
         .collect();
-    let pg = db::pg_config(&config.database)?;
+    let pg = db::connector(&config.database)?;
     let nudge = Arc::new(Notify::new());
     tasks.spawn(listener::run(
         pg,
