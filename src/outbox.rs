@@ -449,6 +449,27 @@ pub async fn release(
         .await
 }
 
+/// Gives held rows back after MongoDB refused their writes for a reason not
+/// their own (an outage): `pending`, due now, the attempt not counted, the
+/// error kept for the DBA. Returns how many were still held.
+pub async fn defer(
+    client: &impl GenericClient,
+    relay_id: &str,
+    ids: &[i64],
+    locked_until: DateTime<Utc>,
+    error: &str,
+) -> Result<u64, Error> {
+    const SQL: &str = "
+        UPDATE outbox_messages
+        SET status = 'pending', locked_by = NULL, locked_until = NULL, next_attempt_at = now(),
+            last_error = $4, updated_at = now()
+        WHERE id = ANY($1) AND status = 'processing' AND locked_by = $2 AND locked_until = $3";
+    let stmt = client.prepare_cached(SQL).await?;
+    client
+        .execute(&stmt, &[&ids, &relay_id, &locked_until, &error])
+        .await
+}
+
 /// `extend_lease` for every row a relay still holds, when its shutdown cut their
 /// writes short. Returns how many, and when the last lease now ends.
 pub async fn extend_held(

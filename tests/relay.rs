@@ -388,13 +388,77 @@ async fn rows_too_late_for_their_lease_go_back_unwritten_and_uncounted() {
     assert!(!shared.mongodb.is_down(), "MongoDB is not blamed");
 }
 
+#[tokio::test]
+async fn mongodb_refusing_every_write_uses_up_no_attempts_and_the_backlog_syncs_after() {
+    let env = TestEnv::new().await;
+    let ferret = Ferret::start().await;
+    let mut config = env.config();
+    config.mongodb.url = ferret.url(&env.name).into();
+    config.relay.max_attempts = 3;
+    // Retries come due at once, so that each batch below is a new attempt.
+    config.relay.backoff_base_ms = 1;
+    config.relay.backoff_cap_ms = 1;
+    let shared = std::sync::Arc::new(in_process(&config, "refused").await);
+    env.seed(1, 1).await;
+    outboxd::relay::worker::run_batch(&shared).await.unwrap();
+    assert_eq!(
+        env.unsynced().await,
+        0,
+        "a first write creates the collection"
+    );
+
+    let backlog = env.seed(100, 10).await;
+    ferret.set_read_only(true).await;
+    // Far more rounds than max_attempts, each refused for every row.
+    for _ in 0..10 {
+        let _ = outboxd::relay::worker::run_batch(&shared).await;
+    }
+    let seen: Vec<(String, i32, String)> = env
+        .pg()
+        .await
+        .query(
+            "SELECT status, attempts, coalesce(last_error, '') FROM outbox_messages
+             WHERE id = ANY($1) ORDER BY id",
+            &[&backlog],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    ferret.set_read_only(false).await;
+    assert!(
+        seen.iter()
+            .all(|(status, attempts, _)| status == "pending" && *attempts == 0),
+        "{:?}",
+        &seen[..3]
+    );
+    assert!(
+        seen.iter().any(|(_, _, error)| !error.is_empty()),
+        "the refusal is shown: {:?}",
+        &seen[..3]
+    );
+
+    let drained = eventually(Duration::from_secs(60), || async {
+        let _ = outboxd::relay::worker::run_batch(&shared).await;
+        env.unsynced().await == 0
+    })
+    .await;
+    assert!(drained, "the backlog syncs once MongoDB takes writes again");
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox_messages WHERE status = 'failed'")
+            .await,
+        0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unanswered_write_keeps_its_row_held_until_it_surely_landed() {
     // FerretDB's guarded update is not atomic, so a write that got no answer
     // must not be overtaken by a newer one of its aggregate while it may still
     // land: its row stays `processing` through the wait, even if the session
     // holding the aggregate's lock dies or the wait outlasts the lease, and only
-    // then counts as an attempt.
+    // then goes back.
     let env = TestEnv::new().await;
     let ferret = Ferret::start().await;
     let mut config = env.config();
@@ -461,11 +525,16 @@ async fn an_unanswered_write_keeps_its_row_held_until_it_surely_landed() {
         );
     }
     assert!(finished >= Duration::from_secs(9), "{finished:?}");
+    // Every write of the batch went unanswered: an outage, which uses up no
+    // attempt.
     assert_eq!(
-        env.count("SELECT count(*) FROM outbox_messages WHERE status = 'pending' AND attempts = 1")
-            .await,
+        env.count(
+            "SELECT count(*) FROM outbox_messages
+             WHERE status = 'pending' AND attempts = 0 AND last_error LIKE '%no answer%'"
+        )
+        .await,
         1,
-        "the attempt is counted after the wait"
+        "given back after the wait, with the reason"
     );
 }
 
@@ -565,11 +634,17 @@ async fn ferretdb_outage_keeps_rows_pending_and_drains_after_restart() {
     let log_before = r.log_text().len();
     ferret.stop();
     env.seed(200, 20).await;
+    // Tried and given back with the reason, but an outage uses up no attempts.
     let retried = eventually(Duration::from_secs(20), || async {
-        env.count("SELECT count(*) FROM outbox_messages WHERE status = 'pending' AND attempts > 0 AND next_attempt_at > created_at").await > 0
+        env.count("SELECT count(*) FROM outbox_messages WHERE status = 'pending' AND last_error IS NOT NULL").await > 0
     })
     .await;
-    assert!(retried, "rows were tried, and rescheduled");
+    assert!(retried, "rows were tried, and given back");
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox_messages WHERE attempts > 0")
+            .await,
+        0
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         env.count("SELECT count(*) FROM outbox_messages WHERE status = 'failed'")

@@ -252,6 +252,16 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
         Some((_, error)) => shared.mongodb.failed(error),
         None => shared.mongodb.ok(),
     }
+    // No write went through, and MongoDB failed for reasons that are not the
+    // rows' own (not primary, read-only, no privilege, the network): an outage,
+    // which must not use up the backlog's attempts. Rejections still count.
+    let outage = mongo_down && applied.is_empty();
+    let mut refused = BTreeMap::new();
+    if outage {
+        (refused, failures) = failures
+            .into_iter()
+            .partition(|((permanent, _), _)| !permanent);
+    }
     // First, while the lease surely holds: rescue must not hand these rows on
     // while their writes may still land.
     let held = if unanswered.is_empty() {
@@ -264,6 +274,7 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
     // back before the marks, which may retry for a while.
     give_back(shared, &client, &batch, &untried, GivenBack::Untried).await;
     give_back(shared, &client, &batch, &late, late_reason).await;
+    defer(shared, &client, &batch, refused).await;
     let notify: Vec<i64> = if shared.notify_enabled {
         written.into_values().collect()
     } else {
@@ -278,7 +289,7 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
                 locked_until,
                 ..batch
             };
-            marked.and(await_unanswered(shared, &client, &held, unanswered).await)
+            marked.and(await_unanswered(shared, &client, &held, unanswered, outage).await)
         }
     };
     release_locks(client).await;
@@ -500,10 +511,47 @@ async fn await_unanswered(
     client: &Object,
     held: &Batch,
     unanswered: BTreeMap<(bool, String), Vec<i64>>,
+    outage: bool,
 ) -> anyhow::Result<()> {
     tokio::time::sleep(shared.sink.timeout() * 2).await;
     shared.heartbeat.beat();
+    if outage {
+        defer(shared, client, held, unanswered).await;
+        return Ok(());
+    }
     mark(shared, client, held, Vec::new(), &[], unanswered).await
+}
+
+/// Gives back rows whose writes an outage refused, their attempts not
+/// counted: they are due again at once, and the worker's backoff while
+/// MongoDB is down paces the next try. Rows no longer held were rescued.
+async fn defer(
+    shared: &Shared,
+    held: &Object,
+    batch: &Batch,
+    refused: BTreeMap<(bool, String), Vec<i64>>,
+) {
+    for ((_, error), ids) in refused {
+        let deferred = (|| async {
+            let client = connection(shared, held).await?;
+            Ok::<_, anyhow::Error>(
+                outbox::defer(&*client, &shared.relay_id, &ids, batch.locked_until, &error).await?,
+            )
+        })
+        .retry(transition_retry(&shared.config))
+        .when(is_transient)
+        .await;
+        match deferred {
+            Ok(n) => tracing::debug!(
+                rows = n, relay_id = %shared.relay_id, error = %error,
+                "MongoDB refused every write of the batch: rows given back, no attempt counted"
+            ),
+            Err(e) => tracing::warn!(
+                error = %db::summarize_any(&e), relay_id = %shared.relay_id, rows = ids.len(),
+                "could not give rows back; their leases will expire"
+            ),
+        }
+    }
 }
 
 /// The batch's own connection while it is open, else a pooled one. A worker thus

@@ -503,6 +503,27 @@ impl Ferret {
         }
     }
 
+    /// Makes the backend refuse every write (`default_transaction_read_only`),
+    /// or take them again: a MongoDB that answers pings but refuses writes, as
+    /// a read-only or full disk, a lost privilege or a demoted primary do.
+    pub async fn set_read_only(&self, on: bool) {
+        let url = self
+            .backend
+            .as_ref()
+            .expect("FerretDB on PostgreSQL (FERRETDB_POSTGRESQL_URL, make services)");
+        let name = url.rsplit('/').next().unwrap().split('?').next().unwrap();
+        // Sessions take the setting when they start: end FerretDB's own.
+        ferret_backend_admin(
+            url,
+            &format!(
+                "ALTER DATABASE {name} SET default_transaction_read_only = {on};
+                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = '{name}' AND pid <> pg_backend_pid();"
+            ),
+        )
+        .await;
+    }
+
     /// Sends `signal` (`STOP`, `CONT`, …) to the running FerretDB.
     pub fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().expect("FerretDB is running").id();
