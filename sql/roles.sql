@@ -115,7 +115,14 @@ $$;
 GRANT USAGE ON SCHEMA public TO outboxd_ingest, outboxd_relay, outboxd_readonly;
 
 -- outboxd_ingest ------------------------------------------------------------
-GRANT INSERT ON incoming_emails, outbox_messages, idempotency_keys TO outboxd_ingest;
+-- Only the columns its statement writes: state columns (status, attempts,
+-- locked_until, ...) take their defaults, and a row cannot arrive pre-claimed.
+GRANT INSERT (id, webhook_id, ticket_id, message_id, from_address, subject, body, received_at)
+    ON incoming_emails TO outboxd_ingest;
+GRANT INSERT (id, operation, aggregate_id, payload, email_id, idempotency_key)
+    ON outbox_messages TO outboxd_ingest;
+GRANT INSERT (key, webhook_id, email_id, outbox_id, expires_at) ON idempotency_keys
+    TO outboxd_ingest;
 -- The cached answer of a duplicate, and the key's own ON CONFLICT checks.
 GRANT SELECT ON idempotency_keys TO outboxd_ingest;
 -- Re-taking an expired key: INSERT … ON CONFLICT (key) DO UPDATE SET … WHERE expires_at <= now().
@@ -188,5 +195,66 @@ GRANT SELECT (outbox_id, aggregate_id, status, attempts, next_attempt_at, last_e
     ON outbox_notifications TO outboxd_readonly;
 GRANT SELECT (id, webhook_id, ticket_id, message_id, received_at, sync_status, created_at)
     ON incoming_emails TO outboxd_readonly;
+
+-- Row-level security: which rows each role may touch ------------------------
+-- Column privileges say what a role may write; these policies say which rows.
+-- The tables' owner (outboxd migrate) is not subject to them. Views run as
+-- their owner, so dashboards read them whole.
+ALTER TABLE incoming_emails ENABLE ROW LEVEL SECURITY;
+ALTER TABLE outbox_messages ENABLE ROW LEVEL SECURITY;
+ALTER TABLE idempotency_keys ENABLE ROW LEVEL SECURITY;
+ALTER TABLE outbox_notifications ENABLE ROW LEVEL SECURITY;
+DO $$
+DECLARE
+    p record;
+BEGIN
+    -- Re-created each run, so that a changed policy takes effect.
+    FOR p IN SELECT schemaname, tablename, policyname FROM pg_policies
+             WHERE policyname LIKE 'outboxd\_%'
+               AND to_regclass(format('%I.%I', schemaname, tablename)) = to_regclass(tablename) LOOP
+        EXECUTE format('DROP POLICY %I ON %I.%I', p.policyname, p.schemaname, p.tablename);
+    END LOOP;
+    -- Ingest inserts the ids its own statement drew from the sequences (a
+    -- huge id would make its message every later one's "newer"), and reads
+    -- what answers a redelivery.
+    EXECUTE format('CREATE POLICY outboxd_ingest_insert ON incoming_emails FOR INSERT
+                    TO outboxd_ingest WITH CHECK (id = currval(%L::regclass))',
+                   pg_get_serial_sequence('incoming_emails', 'id'));
+    EXECUTE format('CREATE POLICY outboxd_ingest_insert ON outbox_messages FOR INSERT
+                    TO outboxd_ingest WITH CHECK (id = currval(%L::regclass))',
+                   pg_get_serial_sequence('outbox_messages', 'id'));
+END
+$$;
+CREATE POLICY outboxd_read ON incoming_emails FOR SELECT
+    TO outboxd_ingest, outboxd_relay, outboxd_readonly USING (true);
+CREATE POLICY outboxd_relay_update ON incoming_emails FOR UPDATE
+    TO outboxd_relay USING (true) WITH CHECK (true);
+
+CREATE POLICY outboxd_read ON outbox_messages FOR SELECT
+    TO outboxd_ingest, outboxd_relay, outboxd_readonly USING (true);
+CREATE POLICY outboxd_relay_update ON outbox_messages FOR UPDATE
+    TO outboxd_relay USING (true) WITH CHECK (true);
+-- Retention deletes synced rows only: never one still owed to MongoDB.
+CREATE POLICY outboxd_relay_delete ON outbox_messages FOR DELETE
+    TO outboxd_relay USING (status = 'synced');
+
+CREATE POLICY outboxd_read ON idempotency_keys FOR SELECT
+    TO outboxd_ingest, outboxd_relay, outboxd_readonly USING (true);
+CREATE POLICY outboxd_ingest_insert ON idempotency_keys FOR INSERT
+    TO outboxd_ingest WITH CHECK (true);
+-- A key is taken again only once it expired; a live one answers duplicates.
+CREATE POLICY outboxd_ingest_retake ON idempotency_keys FOR UPDATE
+    TO outboxd_ingest USING (expires_at <= now()) WITH CHECK (true);
+CREATE POLICY outboxd_relay_delete ON idempotency_keys FOR DELETE
+    TO outboxd_relay USING (expires_at <= now());
+
+CREATE POLICY outboxd_read ON outbox_notifications FOR SELECT
+    TO outboxd_relay, outboxd_readonly USING (true);
+CREATE POLICY outboxd_relay_insert ON outbox_notifications FOR INSERT
+    TO outboxd_relay WITH CHECK (true);
+CREATE POLICY outboxd_relay_update ON outbox_notifications FOR UPDATE
+    TO outboxd_relay USING (true) WITH CHECK (true);
+CREATE POLICY outboxd_relay_delete ON outbox_notifications FOR DELETE
+    TO outboxd_relay USING (status = 'sent');
 
 COMMIT;

@@ -439,7 +439,72 @@ async fn roles_allow_each_job_and_nothing_else() {
         .unwrap_err();
     assert!(format!("{err:?}").contains("permission denied"));
 
+    // Ingest writes only the columns and ids of its own statement, and takes
+    // a key again only once it expired. (A drawn id first, so that the huge
+    // one below meets the policy, not currval's "not yet defined".)
+    as_ingest
+        .execute("SELECT nextval('outbox_messages_id_seq')", &[])
+        .await
+        .unwrap();
+    for (sql, why) in [
+        (
+            "INSERT INTO outbox_messages (operation, aggregate_id, payload, email_id, idempotency_key, locked_until)
+             VALUES ('update_creditor_debt', 'a', '{}', 1, 'k', 'infinity')",
+            "ingest may not insert a pre-claimed row",
+        ),
+        (
+            "INSERT INTO outbox_messages (id, operation, aggregate_id, payload, email_id, idempotency_key)
+             VALUES (9000000000000000000, 'update_creditor_debt', 'a', '{}', 1, 'k')",
+            "ingest may not insert an id of its choosing",
+        ),
+    ] {
+        let err = as_ingest.execute(sql, &[]).await.unwrap_err();
+        let text = format!("{err:?}");
+        assert!(
+            text.contains("permission denied") || text.contains("row-level security"),
+            "{why}: {text}"
+        );
+    }
+    pg.batch_execute(
+        "INSERT INTO idempotency_keys (key, webhook_id, email_id, outbox_id, expires_at)
+         VALUES ('live', 'live', 0, 0, now() + interval '1 hour')",
+    )
+    .await
+    .unwrap();
+    let taken = as_ingest
+        .execute(
+            "UPDATE idempotency_keys SET expires_at = now(), outbox_id = 42",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(taken, 0, "ingest may not take a live key");
+
     let as_relay = connect(relay_url).await;
+    // Retention deletes synced rows and expired keys, nothing still owed.
+    env.seed(3, 3).await;
+    let pending = "SELECT count(*) FROM outbox_messages WHERE status = 'pending'";
+    let before = env.count(pending).await;
+    assert!(before >= 3);
+    as_relay
+        .execute("DELETE FROM outbox_messages", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        env.count(pending).await,
+        before,
+        "relay may not delete owed rows"
+    );
+    as_relay
+        .execute("DELETE FROM idempotency_keys", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        env.count("SELECT count(*) FROM idempotency_keys WHERE key = 'live'")
+            .await,
+        1,
+        "relay may not delete a live key"
+    );
     for (sql, why) in [
         (
             "DELETE FROM incoming_emails",
