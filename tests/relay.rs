@@ -983,3 +983,100 @@ async fn metrics_endpoint_serves_relay_metrics() {
         assert!(text.contains(needle), "{needle} missing:\n{text}");
     }
 }
+
+/// A unique index of the portal's on another field than `_id`: a collision on
+/// it is a rejection, not "the document exists". FerretDB's 11000 names no
+/// index, so the relay must find out which one refused the document.
+#[tokio::test]
+async fn a_duplicate_key_on_another_unique_index_fails_the_row_naming_the_index() {
+    let env = TestEnv::new().await;
+    env.mongo
+        .run_command(doc! {
+            "createIndexes": "creditor_debts",
+            "indexes": [{"key": {"ticket_id": 1}, "name": "portal_ticket_unique", "unique": true}],
+        })
+        .await
+        .unwrap();
+    let ingest = Ingest::start(&env.config()).await;
+    let http = common::http();
+    // Two aggregates from the sample's one ticket.
+    for (n, client) in [(1, "MP-A"), (2, "MP-B")] {
+        let (status, _) = post_signed(&http, &ingest.url(), &event(n, client, "K-1", "1.00")).await;
+        assert_eq!(status, 202);
+    }
+    ingest.stop().await;
+    let _r = relay(&env, "dupkey", &[("OUTBOXD__RELAY__WORKERS", "1")]);
+    let done = eventually(Duration::from_secs(30), || async {
+        env.count("SELECT count(*) FROM outbox_messages WHERE status IN ('pending', 'processing')")
+            .await
+            == 0
+    })
+    .await;
+    assert!(done, "both rows settled");
+    let rows = env
+        .pg()
+        .await
+        .query(
+            "SELECT o.aggregate_id, o.status, coalesce(o.last_error, ''), e.sync_status
+             FROM outbox_messages o JOIN incoming_emails e ON e.id = o.email_id ORDER BY o.id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let rows: Vec<(String, String, String, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let synced: Vec<_> = rows.iter().filter(|r| r.1 == "synced").collect();
+    let failed: Vec<_> = rows.iter().filter(|r| r.1 == "failed").collect();
+    assert_eq!((synced.len(), failed.len()), (1, 1), "{rows:?}");
+    let failed = failed[0];
+    assert!(failed.2.contains("portal_ticket_unique"), "{rows:?}");
+    assert_eq!(failed.3, "failed", "the e-mail is failed too: {rows:?}");
+    assert!(env.doc(&synced[0].0).await.is_some());
+    assert!(
+        env.doc(&failed.0).await.is_none(),
+        "no document was written"
+    );
+}
+
+/// The same through the guarded update of an existing document, which FerretDB
+/// answers with its backend's unique violation rather than 11000.
+#[tokio::test]
+async fn an_update_colliding_on_another_unique_index_is_rejected_naming_it() {
+    let env = TestEnv::new().await;
+    let sink = direct_sink(&env).await;
+    env.mongo
+        .run_command(doc! {
+            "createIndexes": "creditor_debts",
+            "indexes": [{"key": {"ticket_id": 1}, "name": "portal_ticket_unique", "unique": true}],
+        })
+        .await
+        .unwrap();
+    let mut a = claimed(1, "A/K", "1.00");
+    a.ticket_id = 7;
+    let mut b = claimed(2, "B/K", "1.00");
+    b.ticket_id = 8;
+    let outcomes = sink.apply(&[a, b], 2, far()).await;
+    assert_eq!(outcomes[&1], Outcome::Applied);
+    assert_eq!(outcomes[&2], Outcome::Applied);
+    // B's next message takes A's ticket: known, so it goes straight to the update.
+    let mut next = claimed(3, "B/K", "2.00");
+    next.ticket_id = 7;
+    next.known = true;
+    let outcome = sink.apply(std::slice::from_ref(&next), 1, far()).await[&3].clone();
+    match &outcome {
+        Outcome::Permanent(reason) => assert!(reason.contains("portal_ticket_unique"), "{reason}"),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(env.doc("B/K").await.unwrap().get_i64("outbox_id"), Ok(2));
+    // And as a new aggregate's insert, and its guarded update after it.
+    let mut c = claimed(4, "C/K", "1.00");
+    c.ticket_id = 8;
+    let outcome = sink.apply(std::slice::from_ref(&c), 1, far()).await[&4].clone();
+    assert!(
+        matches!(&outcome, Outcome::Permanent(r) if r.contains("portal_ticket_unique")),
+        "{outcome:?}"
+    );
+    assert!(env.doc("C/K").await.is_none());
+}
