@@ -28,7 +28,7 @@ use mongodb::{Client, Database};
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Invalid, MongoConfig};
+use crate::config::{Invalid, MongoConfig, W};
 use crate::money::Amount;
 use crate::outbox::Claimed;
 
@@ -56,6 +56,8 @@ pub struct Sink {
     db: Database,
     collection: String,
     timeout: Duration,
+    /// Every insert's and update's `writeConcern` (`mongodb.write_concern`).
+    concern: Document,
 }
 
 /// The outcome of applying one message.
@@ -127,13 +129,30 @@ pub async fn connect(config: &MongoConfig) -> anyhow::Result<Sink> {
         .default_database
         .clone()
         .unwrap_or_else(|| "outboxd".into());
+    let w = config.w().map_err(Invalid)?;
     let client = Client::with_options(options).context("cannot create the MongoDB client")?;
     Ok(Sink {
         db: client.database(&db_name),
         client,
         collection: config.collection.clone(),
         timeout,
+        concern: write_concern(w, config.journal),
     })
+}
+
+/// The `writeConcern` of every write. Sent with each command, since a concern
+/// in the URL does not reach commands run as `run_command`. "majority" by
+/// default: a write only one member has may be rolled back at a failover,
+/// after PostgreSQL has marked its row synced.
+fn write_concern(w: W, journal: Option<bool>) -> Document {
+    let mut concern = match w {
+        W::Majority => doc! { "w": "majority" },
+        W::Members(n) => doc! { "w": i32::from(n) },
+    };
+    if let Some(j) = journal {
+        concern.insert("j", j);
+    }
+    concern
 }
 
 /// Why the URL was refused. The driver splits a URL at its first `?` before it
@@ -380,7 +399,10 @@ impl Sink {
             doc.extend(row.doc.clone());
             documents.push(doc);
         }
-        let command = doc! { "insert": &self.collection, "documents": documents, "ordered": false };
+        let command = doc! {
+            "insert": &self.collection, "documents": documents, "ordered": false,
+            "writeConcern": &self.concern,
+        };
         let reply = match self.run_write(command).await {
             Ok(reply) => reply,
             Err(outcome) => {
@@ -428,6 +450,7 @@ impl Sink {
                 "u": { "$set": &row.doc },
                 "upsert": true,
             }],
+            "writeConcern": &self.concern,
         };
         for round in 0..2 {
             if start_by.passed() {
@@ -716,6 +739,9 @@ fn classify(err: &MongoError) -> Outcome {
         ErrorKind::Command(c) if c.code == 1 && c.message.contains(FERRETDB_UNIQUE_VIOLATION) => {
             false
         }
+        // A write concern the server cannot meet (say `w: 2` on a standalone) is
+        // the configuration's fault, not the rows': it must not fail them at once.
+        ErrorKind::Command(c) if mentions_write_concern(&c.message) => true,
         ErrorKind::Command(c) => !REJECTED_CODES.contains(&c.code),
         ErrorKind::Write(_)
         | ErrorKind::InvalidArgument { .. }
@@ -729,9 +755,39 @@ fn classify(err: &MongoError) -> Outcome {
     }
 }
 
+/// Whether a command error is about the write concern (`mongodb.write_concern`).
+fn mentions_write_concern(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    message.contains("write concern") || message.contains("writeconcern") || message.contains("'w'")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_write_concern_is_majority_unless_set() {
+        let config = MongoConfig::default();
+        assert_eq!(
+            write_concern(config.w().unwrap(), config.journal),
+            doc! { "w": "majority" }
+        );
+        assert_eq!(
+            write_concern(W::Members(1), Some(true)),
+            doc! { "w": 1, "j": true }
+        );
+    }
+
+    #[test]
+    fn a_write_concern_refused_is_no_fault_of_the_rows() {
+        assert!(mentions_write_concern(
+            "cannot use 'w' > 1 with a standalone"
+        ));
+        assert!(mentions_write_concern(
+            "Not enough data-bearing nodes to satisfy write concern"
+        ));
+        assert!(!mentions_write_concern("Document failed validation"));
+    }
 
     #[test]
     fn a_duplicate_key_names_its_index() {

@@ -1080,3 +1080,24 @@ async fn an_update_colliding_on_another_unique_index_is_rejected_naming_it() {
     );
     assert!(env.doc("C/K").await.is_none());
 }
+
+/// FerretDB 1.24 takes any write concern and ignores it (even `w: 5` on its
+/// single server), so all a test here can show is that writes with each setting
+/// are taken; MongoDB's answer to an unsatisfiable one is its own.
+#[tokio::test]
+async fn writes_work_with_each_write_concern() {
+    for (w, journal) in [("majority", "true"), ("1", "false")] {
+        let env = TestEnv::new().await;
+        env.seed(20, 4).await;
+        let _r = relay(
+            &env,
+            "concern",
+            &[
+                ("OUTBOXD__MONGODB__WRITE_CONCERN", w),
+                ("OUTBOXD__MONGODB__JOURNAL", journal),
+            ],
+        );
+        assert!(env.wait_synced(Duration::from_secs(20)).await, "w: {w}");
+        assert!(env.behind().await.is_empty(), "w: {w}");
+    }
+}
