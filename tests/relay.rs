@@ -1101,3 +1101,72 @@ async fn writes_work_with_each_write_concern() {
         assert!(env.behind().await.is_empty(), "w: {w}");
     }
 }
+
+/// The relay's counter `outboxd_relay_claims_total{result="…"}`, 0 before the
+/// first claim.
+async fn claims(http: &reqwest::Client, port: u16, result: &str) -> f64 {
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    // Not listening yet: no claim either.
+    let Ok(response) = http.get(&url).send().await else {
+        return 0.0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("outboxd_relay_claims_total{"))
+        .filter(|l| l.contains(&format!("result=\"{result}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Due rows whose aggregate another session holds (a frozen relay, say): the
+/// worker finds nothing to claim, and must not claim again at once, over and
+/// over, while the holder stays frozen.
+#[tokio::test]
+async fn a_worker_backs_off_while_due_rows_are_all_held_by_another_session() {
+    let env = TestEnv::new().await;
+    env.seed(5, 1).await;
+    let holder = env.pg().await;
+    holder
+        .execute(
+            "SELECT pg_advisory_lock($1, hashtext('C-0/K'))",
+            &[&outboxd::outbox::AGGREGATE_LOCK_CLASS],
+        )
+        .await
+        .unwrap();
+    let port = free_port();
+    let poll_ms = 1000;
+    let _r = relay(
+        &env,
+        "held",
+        &[
+            ("OUTBOXD__RELAY__WORKERS", "1"),
+            ("OUTBOXD__RELAY__POLL_INTERVAL_MS", &poll_ms.to_string()),
+            (
+                "OUTBOXD__RELAY__METRICS_LISTEN",
+                &format!("127.0.0.1:{port}"),
+            ),
+        ],
+    );
+    let http = common::http();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            claims(&http, port, "empty").await >= 1.0
+        })
+        .await,
+        "the relay claims"
+    );
+    let start = claims(&http, port, "empty").await;
+    let window = Duration::from_secs(4);
+    tokio::time::sleep(window).await;
+    let empty = claims(&http, port, "empty").await - start;
+    // At the poll interval's rate that is 4; spinning every 20 ms, about 200.
+    let bound = 3.0 * window.as_secs_f64() * 1000.0 / poll_ms as f64;
+    assert!(
+        empty <= bound,
+        "{empty} empty claims in {window:?}, more than {bound}"
+    );
+    assert_eq!(env.unsynced().await, 5, "the held aggregate waits");
+    // Once the holder lets go, the rows go within about a poll interval.
+    drop(holder);
+    assert!(env.wait_synced(Duration::from_secs(10)).await);
+}
