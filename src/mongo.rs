@@ -23,7 +23,7 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use mongodb::bson::{self, Bson, Document, doc};
 use mongodb::error::{Error as MongoError, ErrorKind};
-use mongodb::options::ClientOptions;
+use mongodb::options::{Acknowledgment, ClientOptions, DatabaseOptions, WriteConcern};
 use mongodb::{Client, Database};
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
@@ -131,8 +131,21 @@ pub async fn connect(config: &MongoConfig) -> anyhow::Result<Sink> {
         .unwrap_or_else(|| "outboxd".into());
     let w = config.w().map_err(Invalid)?;
     let client = Client::with_options(options).context("cannot create the MongoDB client")?;
+    // The operator commands' repairs (typed collection calls) take it from here.
+    let acknowledgment = match w {
+        W::Majority => Acknowledgment::Majority,
+        W::Members(n) => Acknowledgment::Nodes(u32::from(n)),
+    };
+    let concern = WriteConcern::builder()
+        .w(acknowledgment)
+        .journal(config.journal)
+        .build();
+    let db = client.database_with_options(
+        &db_name,
+        DatabaseOptions::builder().write_concern(concern).build(),
+    );
     Ok(Sink {
-        db: client.database(&db_name),
+        db,
         client,
         collection: config.collection.clone(),
         timeout,
