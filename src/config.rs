@@ -48,6 +48,60 @@ pub struct MongoConfig {
     pub url: SecretString,
     pub collection: String,
     pub timeout_ms: u64,
+    /// The `w` of every write's write concern: "majority" or a member count
+    /// (see `write_concern`).
+    pub write_concern: WriteConcernSetting,
+    /// The write concern's `j`; unset leaves the server's default.
+    pub journal: Option<bool>,
+}
+
+/// `mongodb.write_concern` as written: a word or a number, in TOML or the
+/// environment (where "1" arrives as a number).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum WriteConcernSetting {
+    Members(i64),
+    Text(String),
+}
+
+/// A write concern's `w`, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum W {
+    Majority,
+    Members(u8),
+}
+
+/// Replica sets have at most 50 members.
+const MAX_MEMBERS: i64 = 50;
+
+impl MongoConfig {
+    /// The write concern's `w`; `Err` says what is wrong with the setting.
+    pub fn w(&self) -> Result<W, String> {
+        let members = match &self.write_concern {
+            WriteConcernSetting::Members(n) => *n,
+            WriteConcernSetting::Text(text) if text.trim().eq_ignore_ascii_case("majority") => {
+                return Ok(W::Majority);
+            }
+            WriteConcernSetting::Text(text) => text.trim().parse().map_err(|_| {
+                format!(
+                    "invalid configuration: `mongodb.write_concern` must be \"majority\" or a number \
+                     of members from 1 to {MAX_MEMBERS}, not {text:?} (tagged write concerns are not supported)"
+                )
+            })?,
+        };
+        match members {
+            0 => Err(
+                "invalid configuration: `mongodb.write_concern` 0 (unacknowledged) is refused: \
+                 the relay marks a row synced only once MongoDB has confirmed its write"
+                    .into(),
+            ),
+            1..=MAX_MEMBERS => Ok(W::Members(members as u8)),
+            _ => Err(format!(
+                "invalid configuration: `mongodb.write_concern` must be \"majority\" or a number of \
+                 members from 1 to {MAX_MEMBERS}, not {members}"
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,6 +197,8 @@ impl Default for MongoConfig {
             url: "mongodb://127.0.0.1:27017/outboxd".into(),
             collection: "creditor_debts".into(),
             timeout_ms: 5000,
+            write_concern: WriteConcernSetting::Text("majority".into()),
+            journal: None,
         }
     }
 }
@@ -450,6 +506,7 @@ impl Config {
                 self.notify.timeout_ms
             );
         }
+        self.mongodb.w().map_err(|e| anyhow::anyhow!(e))?;
         if self.mongodb.collection.is_empty() || self.mongodb.collection.contains('$') {
             bail!("invalid configuration: `mongodb.collection` must be a plain collection name");
         }

@@ -6,9 +6,14 @@
 //! guarded upsert, `{_id: agg, outbox_id: {$not: {$gte: m}}}` with `$set` (`$lt` would
 //! never match a document without a numeric `outbox_id`). No match on an existing
 //! document means it is already at m or newer; the upsert's insert then fails with
-//! duplicate key 11000, which counts as success. Only insert, update/upsert,
-//! `$set`, `$not`, `$gte` and code 11000 are used, all of which MongoDB ≥ 5.0 and
-//! FerretDB 1.24 support.
+//! duplicate key 11000 on `_id`, which counts as success once a read finds the
+//! document at m or newer. A duplicate key on any other unique index (one the
+//! portal added, say) is a rejection: the row fails, naming the index. MongoDB's
+//! 11000 carries its `keyPattern` and index name; FerretDB's names neither, so the
+//! read that finds no document with the `_id` tells it apart, and the collection's
+//! unique indexes are searched for the one that refused it. Only insert,
+//! update/upsert, find, listIndexes, `$set`, `$not`, `$gte`, `$ne` and code 11000
+//! are used, all of which MongoDB ≥ 5.0 and FerretDB 1.24 support.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -18,12 +23,12 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use mongodb::bson::{self, Bson, Document, doc};
 use mongodb::error::{Error as MongoError, ErrorKind};
-use mongodb::options::ClientOptions;
+use mongodb::options::{Acknowledgment, ClientOptions, DatabaseOptions, WriteConcern};
 use mongodb::{Client, Database};
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Invalid, MongoConfig};
+use crate::config::{Invalid, MongoConfig, W};
 use crate::money::Amount;
 use crate::outbox::Claimed;
 
@@ -34,6 +39,9 @@ const DUPLICATE_KEY: i32 = 11000;
 /// `relay.max_attempts`: FerretDB answers a failure of its own backend with
 /// code 1, and a permissions mistake is code 13; neither may fail a backlog.
 const REJECTED_CODES: &[i32] = &[2, 14, 22, 28, 30, 52, 53, 55, 56, 57, 66, 121, 10334, 17280];
+/// FerretDB 1.24 answers an update that collides with a unique index with its
+/// PostgreSQL backend's error (code 1), not 11000.
+const FERRETDB_UNIQUE_VIOLATION: &str = "duplicate key value violates unique constraint";
 /// A document past MongoDB's 16 MiB limit, less room for `_id`, fails alone,
 /// before it is sent: in a command with others it would fail them all.
 const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024 - 64 * 1024;
@@ -48,6 +56,8 @@ pub struct Sink {
     db: Database,
     collection: String,
     timeout: Duration,
+    /// Every insert's and update's `writeConcern` (`mongodb.write_concern`).
+    concern: Document,
 }
 
 /// The outcome of applying one message.
@@ -121,13 +131,43 @@ pub async fn connect(config: &MongoConfig) -> anyhow::Result<Sink> {
         .default_database
         .clone()
         .unwrap_or_else(|| "outboxd".into());
+    let w = config.w().map_err(Invalid)?;
     let client = Client::with_options(options).context("cannot create the MongoDB client")?;
+    // The operator commands' repairs (typed collection calls) take it from here.
+    let acknowledgment = match w {
+        W::Majority => Acknowledgment::Majority,
+        W::Members(n) => Acknowledgment::Nodes(u32::from(n)),
+    };
+    let concern = WriteConcern::builder()
+        .w(acknowledgment)
+        .journal(config.journal)
+        .build();
+    let db = client.database_with_options(
+        &db_name,
+        DatabaseOptions::builder().write_concern(concern).build(),
+    );
     Ok(Sink {
-        db: client.database(&db_name),
+        db,
         client,
         collection: config.collection.clone(),
         timeout,
+        concern: write_concern(w, config.journal),
     })
+}
+
+/// The `writeConcern` of every write. Sent with each command, since a concern
+/// in the URL does not reach commands run as `run_command`. "majority" by
+/// default: a write only one member has may be rolled back at a failover,
+/// after PostgreSQL has marked its row synced.
+fn write_concern(w: W, journal: Option<bool>) -> Document {
+    let mut concern = match w {
+        W::Majority => doc! { "w": "majority" },
+        W::Members(n) => doc! { "w": i32::from(n) },
+    };
+    if let Some(j) = journal {
+        concern.insert("j", j);
+    }
+    concern
 }
 
 /// Why the URL was refused. The driver splits a URL at its first `?` before it
@@ -374,7 +414,10 @@ impl Sink {
             doc.extend(row.doc.clone());
             documents.push(doc);
         }
-        let command = doc! { "insert": &self.collection, "documents": documents, "ordered": false };
+        let command = doc! {
+            "insert": &self.collection, "documents": documents, "ordered": false,
+            "writeConcern": &self.concern,
+        };
         let reply = match self.run_write(command).await {
             Ok(reply) => reply,
             Err(outcome) => {
@@ -389,11 +432,19 @@ impl Sink {
         let mut existing = Vec::new();
         for (index, row) in rows.into_iter().enumerate() {
             let outcome = match (errors.remove(&index), &concern) {
-                (Some((DUPLICATE_KEY, _)), _) => {
+                // On `_id`, or maybe (FerretDB): the guarded update finds out.
+                (
+                    Some(WriteError {
+                        code: DUPLICATE_KEY,
+                        index: Index::Id | Index::Unknown,
+                        ..
+                    }),
+                    _,
+                ) => {
                     existing.push(row);
                     continue;
                 }
-                (Some((code, message)), _) => rejected(code, &message),
+                (Some(error), _) => error.outcome(),
                 (None, Some(message)) => Outcome::Transient(message.clone()),
                 (None, None) => Outcome::Applied,
             };
@@ -402,8 +453,8 @@ impl Sink {
         Ok((outcomes, existing))
     }
 
-    /// One guarded upsert. A duplicate key is retried once: it may be a racing
-    /// first insert of an older message, not a newer document.
+    /// One guarded upsert. A duplicate key on `_id` is retried once: it may be a
+    /// racing first insert of an older message, not a newer document.
     async fn write_guarded(&self, row: &Write, start_by: &StartBy) -> Outcome {
         let command = doc! {
             "update": &self.collection,
@@ -414,6 +465,7 @@ impl Sink {
                 "u": { "$set": &row.doc },
                 "upsert": true,
             }],
+            "writeConcern": &self.concern,
         };
         for round in 0..2 {
             if start_by.passed() {
@@ -421,6 +473,9 @@ impl Sink {
             }
             let reply = match self.run_write(command.clone()).await {
                 Ok(reply) => reply,
+                Err(Outcome::Permanent(e)) if e.contains(FERRETDB_UNIQUE_VIOLATION) => {
+                    return self.refused_by_index(row).await;
+                }
                 Err(outcome) => return outcome,
             };
             let (errors, concern) = write_errors(&reply);
@@ -429,17 +484,27 @@ impl Sink {
             }
             return match errors.into_values().next() {
                 None => Outcome::Applied,
-                Some((DUPLICATE_KEY, _)) if round == 0 => continue,
-                Some((DUPLICATE_KEY, _)) => self.holds(row).await,
-                Some((code, message)) => rejected(code, &message),
+                Some(WriteError {
+                    code: DUPLICATE_KEY,
+                    index: Index::Id | Index::Unknown,
+                    ..
+                }) if round == 0 => continue,
+                Some(WriteError {
+                    code: DUPLICATE_KEY,
+                    index: Index::Id | Index::Unknown,
+                    ..
+                }) => self.holds(row).await,
+                Some(error) => error.outcome(),
             };
         }
         Outcome::Applied
     }
 
-    /// After a guarded write matched nothing: `Applied` if the document holds
-    /// exactly this message (an earlier try wrote it, and its mark was lost, so
-    /// its notification is still owed), `AlreadyNewer` if it holds a newer one.
+    /// After a guarded write matched nothing and its insert hit a duplicate key:
+    /// `Applied` if the document holds exactly this message (an earlier try wrote
+    /// it, and its mark was lost, so its notification is still owed),
+    /// `AlreadyNewer` if it holds a newer one. No document with the `_id` means the
+    /// duplicate was on another unique index: a rejection.
     async fn holds(&self, row: &Write) -> Outcome {
         let command = doc! {
             "find": &self.collection,
@@ -451,22 +516,70 @@ impl Sink {
             Ok(reply) => reply,
             Err(outcome) => return outcome,
         };
-        let held = reply
-            .get_document("cursor")
-            .ok()
-            .and_then(|c| c.get_array("firstBatch").ok())
-            .and_then(|b| b.first())
-            .and_then(Bson::as_document)
-            .and_then(|d| match d.get("outbox_id") {
-                Some(Bson::Int64(id)) => Some(*id),
-                Some(Bson::Int32(id)) => Some(i64::from(*id)),
-                _ => None,
-            });
-        if held == Some(row.id) {
-            Outcome::Applied
-        } else {
-            Outcome::AlreadyNewer
+        let Some(found) = first_batch(&reply).first().and_then(Bson::as_document) else {
+            return self.refused_by_index(row).await;
+        };
+        match found.get("outbox_id") {
+            Some(Bson::Int64(id)) if *id == row.id => Outcome::Applied,
+            Some(Bson::Int32(id)) if i64::from(*id) == row.id => Outcome::Applied,
+            Some(Bson::Int64(id)) if *id > row.id => Outcome::AlreadyNewer,
+            Some(Bson::Int32(id)) if i64::from(*id) > row.id => Outcome::AlreadyNewer,
+            // Older, or not outboxd's: the guard should have matched. A race
+            // with a writer outside outboxd; try again later.
+            _ => Outcome::Transient(
+                "duplicate key, yet the document does not hold this message or a newer one".into(),
+            ),
         }
+    }
+
+    /// The rejection of a document that a unique index other than `_id` refused,
+    /// naming the index: the first whose key another document already holds.
+    /// FerretDB's duplicate-key error does not say which.
+    async fn refused_by_index(&self, row: &Write) -> Outcome {
+        let reply = match self
+            .run_write(doc! { "listIndexes": &self.collection })
+            .await
+        {
+            Ok(reply) => reply,
+            Err(outcome) => return outcome,
+        };
+        let mut unique = Vec::new();
+        for index in first_batch(&reply).iter().filter_map(Bson::as_document) {
+            let Ok(key) = index.get_document("key") else {
+                continue;
+            };
+            if !index.get_bool("unique").unwrap_or(false) || key.keys().all(|k| k == "_id") {
+                continue;
+            }
+            let name = index.get_str("name").unwrap_or("unnamed").to_owned();
+            let mut filter = doc! { "_id": { "$ne": &row.aggregate_id } };
+            for field in key.keys() {
+                let value = if field == "_id" {
+                    Bson::String(row.aggregate_id.clone())
+                } else {
+                    row.doc.get(field).cloned().unwrap_or(Bson::Null)
+                };
+                filter.insert(field, value);
+            }
+            let command = doc! {
+                "find": &self.collection, "filter": filter, "projection": { "_id": 1 }, "limit": 1,
+            };
+            match self.run_write(command).await {
+                Ok(found) if !first_batch(&found).is_empty() => {
+                    return Outcome::Permanent(duplicate_on(&name));
+                }
+                Ok(_) => unique.push(name),
+                Err(outcome) => return outcome,
+            }
+        }
+        Outcome::Permanent(if unique.is_empty() {
+            "MongoDB rejected the document: duplicate key on a unique index other than `_id`".into()
+        } else {
+            format!(
+                "MongoDB rejected the document: duplicate key on one of the unique indexes {}",
+                unique.join(", ")
+            )
+        })
     }
 
     /// Runs one command (a write, or `holds`'s read). `Err` is the outcome of
@@ -485,16 +598,83 @@ impl Sink {
     }
 }
 
-/// A write reply's per-document errors, `(code, message)` by index, and its
-/// write-concern error.
-fn write_errors(reply: &Document) -> (HashMap<usize, (i32, String)>, Option<String>) {
+/// A cursor reply's first batch (`find`, `listIndexes`).
+fn first_batch(reply: &Document) -> &[Bson] {
+    reply
+        .get_document("cursor")
+        .ok()
+        .and_then(|c| c.get_array("firstBatch").ok())
+        .map_or(&[], Vec::as_slice)
+}
+
+/// One document's error in a write reply.
+#[derive(Debug, PartialEq)]
+struct WriteError {
+    code: i32,
+    message: String,
+    /// For a duplicate key: the index it is on.
+    index: Index,
+}
+
+/// The index a duplicate-key error is on.
+#[derive(Debug, PartialEq)]
+enum Index {
+    Id,
+    Other(String),
+    /// Not said (FerretDB).
+    Unknown,
+}
+
+impl WriteError {
+    fn parse(e: &Document) -> WriteError {
+        let code = e.get_i32("code").unwrap_or(0);
+        let message = e.get_str("errmsg").unwrap_or("write error").to_owned();
+        // MongoDB: "E11000 duplicate key error collection: db.c index: ticket_id_1 dup key: { ... }".
+        let named = message
+            .split_once(" index: ")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .map(str::to_owned);
+        let index = match (e.get_document("keyPattern").ok(), named) {
+            (Some(key), _) if !key.is_empty() && key.keys().all(|k| k == "_id") => Index::Id,
+            (_, Some(name)) if name == "_id_" => Index::Id,
+            (_, Some(name)) => Index::Other(name),
+            (Some(key), None) if !key.is_empty() => {
+                Index::Other(key.keys().cloned().collect::<Vec<_>>().join(", "))
+            }
+            _ => Index::Unknown,
+        };
+        WriteError {
+            code,
+            message,
+            index,
+        }
+    }
+
+    /// The outcome of an error that is no duplicate key on `_id`.
+    fn outcome(&self) -> Outcome {
+        match &self.index {
+            Index::Other(name) if self.code == DUPLICATE_KEY => {
+                Outcome::Permanent(duplicate_on(name))
+            }
+            _ => rejected(self.code, &self.message),
+        }
+    }
+}
+
+/// The rejection by unique index `name`.
+fn duplicate_on(name: &str) -> String {
+    format!(
+        "MongoDB rejected the document: duplicate key on unique index `{name}` (another document holds its value)"
+    )
+}
+
+/// A write reply's per-document errors by index, and its write-concern error.
+fn write_errors(reply: &Document) -> (HashMap<usize, WriteError>, Option<String>) {
     let mut errors = HashMap::new();
     if let Ok(list) = reply.get_array("writeErrors") {
         for e in list.iter().filter_map(Bson::as_document) {
             let index = e.get_i32("index").map(|i| i as usize).unwrap_or(usize::MAX);
-            let code = e.get_i32("code").unwrap_or(0);
-            let message = e.get_str("errmsg").unwrap_or("write error").to_owned();
-            errors.insert(index, (code, message));
+            errors.insert(index, WriteError::parse(e));
         }
     }
     let concern = reply.get_document("writeConcernError").ok().map(|e| {
@@ -571,6 +751,12 @@ pub fn document(row: &Claimed) -> Result<Document, String> {
 fn classify(err: &MongoError) -> Outcome {
     let text = redact(err);
     let transient = match &*err.kind {
+        ErrorKind::Command(c) if c.code == 1 && c.message.contains(FERRETDB_UNIQUE_VIOLATION) => {
+            false
+        }
+        // A write concern the server cannot meet (say `w: 2` on a standalone) is
+        // the configuration's fault, not the rows': it must not fail them at once.
+        ErrorKind::Command(c) if mentions_write_concern(&c.message) => true,
         ErrorKind::Command(c) => !REJECTED_CODES.contains(&c.code),
         ErrorKind::Write(_)
         | ErrorKind::InvalidArgument { .. }
@@ -594,9 +780,70 @@ fn classify(err: &MongoError) -> Outcome {
     }
 }
 
+/// Whether a command error is about the write concern (`mongodb.write_concern`).
+fn mentions_write_concern(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    message.contains("write concern") || message.contains("writeconcern") || message.contains("'w'")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_write_concern_is_majority_unless_set() {
+        let config = MongoConfig::default();
+        assert_eq!(
+            write_concern(config.w().unwrap(), config.journal),
+            doc! { "w": "majority" }
+        );
+        assert_eq!(
+            write_concern(W::Members(1), Some(true)),
+            doc! { "w": 1, "j": true }
+        );
+    }
+
+    #[test]
+    fn a_write_concern_refused_is_no_fault_of_the_rows() {
+        assert!(mentions_write_concern(
+            "cannot use 'w' > 1 with a standalone"
+        ));
+        assert!(mentions_write_concern(
+            "Not enough data-bearing nodes to satisfy write concern"
+        ));
+        assert!(!mentions_write_concern("Document failed validation"));
+    }
+
+    #[test]
+    fn a_duplicate_key_names_its_index() {
+        // MongoDB's shape: keyPattern, keyValue, and the index in errmsg.
+        let on_id = doc! {
+            "index": 0, "code": 11000,
+            "errmsg": "E11000 duplicate key error collection: outboxd.creditor_debts index: _id_ dup key: { _id: \"A/K\" }",
+            "keyPattern": { "_id": 1 }, "keyValue": { "_id": "A/K" },
+        };
+        assert_eq!(WriteError::parse(&on_id).index, Index::Id);
+        let on_ticket = doc! {
+            "index": 0, "code": 11000,
+            "errmsg": "E11000 duplicate key error collection: outboxd.creditor_debts index: ticket_unique dup key: { ticket_id: 7 }",
+            "keyPattern": { "ticket_id": 1 }, "keyValue": { "ticket_id": 7 },
+        };
+        let error = WriteError::parse(&on_ticket);
+        assert_eq!(error.index, Index::Other("ticket_unique".into()));
+        assert!(matches!(error.outcome(), Outcome::Permanent(r) if r.contains("`ticket_unique`")));
+        // Only a key pattern, or only the message.
+        let pattern_only =
+            doc! { "code": 11000, "errmsg": "E11000", "keyPattern": { "ticket_id": 1 } };
+        assert_eq!(
+            WriteError::parse(&pattern_only).index,
+            Index::Other("ticket_id".into())
+        );
+        let message_only = doc! { "code": 11000, "errmsg": "E11000 duplicate key error collection: d.c index: _id_ dup key: { _id: 1 }" };
+        assert_eq!(WriteError::parse(&message_only).index, Index::Id);
+        // FerretDB 1.24's shape says neither.
+        let ferretdb = doc! { "index": 0, "code": 11000, "errmsg": "E11000 duplicate key error collection: outboxd.creditor_debts" };
+        assert_eq!(WriteError::parse(&ferretdb).index, Index::Unknown);
+    }
 
     #[test]
     fn only_a_rejected_document_fails_at_once() {

@@ -363,6 +363,69 @@ fn a_bad_config_stops_start_up_naming_the_key() {
         format!("{:?}", config.notify),
         format!("{:?}", defaults.notify)
     );
+    assert_eq!(
+        format!("{:?}", config.mongodb),
+        format!("{:?}", defaults.mongodb)
+    );
+}
+
+#[test]
+fn a_bad_write_concern_stops_start_up_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wc.toml");
+    for (value, says) in [
+        ("\"majorty\"", "\"majority\""),
+        ("\"\"", "\"majority\""),
+        ("0", "unacknowledged"),
+        ("\"0\"", "unacknowledged"),
+        ("-1", "from 1 to 50"),
+        ("51", "from 1 to 50"),
+        ("true", "write_concern"),
+    ] {
+        std::fs::write(&file, format!("[mongodb]\nwrite_concern = {value}\n")).unwrap();
+        for command in ["check", "relay"] {
+            let out = outboxd(&["--config", file.to_str().unwrap(), command], &[]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(78), "{value}: {err}");
+            assert!(
+                err.contains("mongodb.write_concern") || err.contains("write_concern"),
+                "{value}: {err}"
+            );
+            assert!(err.contains(says), "{value}: {err}");
+        }
+    }
+    // From the environment, as a number or a word; and journal.
+    let bad = outboxd(
+        &["check"],
+        &[("OUTBOXD__MONGODB__WRITE_CONCERN".into(), "most".into())],
+    );
+    assert_eq!(bad.status.code(), Some(78));
+    let bad = outboxd(
+        &["check"],
+        &[("OUTBOXD__MONGODB__JOURNAL".into(), "maybe".into())],
+    );
+    assert_eq!(bad.status.code(), Some(78));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr)
+            .to_lowercase()
+            .contains("mongodb.journal")
+    );
+    for (value, journal) in [
+        ("majority", "true"),
+        ("1", "false"),
+        ("3", "true"),
+        ("MAJORITY", "false"),
+    ] {
+        let out = outboxd(
+            &["check"],
+            &[
+                ("OUTBOXD__MONGODB__WRITE_CONCERN".into(), value.into()),
+                ("OUTBOXD__MONGODB__JOURNAL".into(), journal.into()),
+            ],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(78), "{value}: {err}");
+    }
 }
 
 #[test]

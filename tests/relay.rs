@@ -1058,3 +1058,190 @@ async fn metrics_endpoint_serves_relay_metrics() {
         assert!(text.contains(needle), "{needle} missing:\n{text}");
     }
 }
+
+/// A unique index of the portal's on another field than `_id`: a collision on
+/// it is a rejection, not "the document exists". FerretDB's 11000 names no
+/// index, so the relay must find out which one refused the document.
+#[tokio::test]
+async fn a_duplicate_key_on_another_unique_index_fails_the_row_naming_the_index() {
+    let env = TestEnv::new().await;
+    env.mongo
+        .run_command(doc! {
+            "createIndexes": "creditor_debts",
+            "indexes": [{"key": {"ticket_id": 1}, "name": "portal_ticket_unique", "unique": true}],
+        })
+        .await
+        .unwrap();
+    let ingest = Ingest::start(&env.config()).await;
+    let http = common::http();
+    // Two aggregates from the sample's one ticket.
+    for (n, client) in [(1, "MP-A"), (2, "MP-B")] {
+        let (status, _) = post_signed(&http, &ingest.url(), &event(n, client, "K-1", "1.00")).await;
+        assert_eq!(status, 202);
+    }
+    ingest.stop().await;
+    let _r = relay(&env, "dupkey", &[("OUTBOXD__RELAY__WORKERS", "1")]);
+    let done = eventually(Duration::from_secs(30), || async {
+        env.count("SELECT count(*) FROM outbox_messages WHERE status IN ('pending', 'processing')")
+            .await
+            == 0
+    })
+    .await;
+    assert!(done, "both rows settled");
+    let rows = env
+        .pg()
+        .await
+        .query(
+            "SELECT o.aggregate_id, o.status, coalesce(o.last_error, ''), e.sync_status
+             FROM outbox_messages o JOIN incoming_emails e ON e.id = o.email_id ORDER BY o.id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let rows: Vec<(String, String, String, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let synced: Vec<_> = rows.iter().filter(|r| r.1 == "synced").collect();
+    let failed: Vec<_> = rows.iter().filter(|r| r.1 == "failed").collect();
+    assert_eq!((synced.len(), failed.len()), (1, 1), "{rows:?}");
+    let failed = failed[0];
+    assert!(failed.2.contains("portal_ticket_unique"), "{rows:?}");
+    assert_eq!(failed.3, "failed", "the e-mail is failed too: {rows:?}");
+    assert!(env.doc(&synced[0].0).await.is_some());
+    assert!(
+        env.doc(&failed.0).await.is_none(),
+        "no document was written"
+    );
+}
+
+/// The same through the guarded update of an existing document, which FerretDB
+/// answers with its backend's unique violation rather than 11000.
+#[tokio::test]
+async fn an_update_colliding_on_another_unique_index_is_rejected_naming_it() {
+    let env = TestEnv::new().await;
+    let sink = direct_sink(&env).await;
+    env.mongo
+        .run_command(doc! {
+            "createIndexes": "creditor_debts",
+            "indexes": [{"key": {"ticket_id": 1}, "name": "portal_ticket_unique", "unique": true}],
+        })
+        .await
+        .unwrap();
+    let mut a = claimed(1, "A/K", "1.00");
+    a.ticket_id = 7;
+    let mut b = claimed(2, "B/K", "1.00");
+    b.ticket_id = 8;
+    let outcomes = sink.apply(&[a, b], 2, far()).await;
+    assert_eq!(outcomes[&1], Outcome::Applied);
+    assert_eq!(outcomes[&2], Outcome::Applied);
+    // B's next message takes A's ticket: known, so it goes straight to the update.
+    let mut next = claimed(3, "B/K", "2.00");
+    next.ticket_id = 7;
+    next.known = true;
+    let outcome = sink.apply(std::slice::from_ref(&next), 1, far()).await[&3].clone();
+    match &outcome {
+        Outcome::Permanent(reason) => assert!(reason.contains("portal_ticket_unique"), "{reason}"),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(env.doc("B/K").await.unwrap().get_i64("outbox_id"), Ok(2));
+    // And as a new aggregate's insert, and its guarded update after it.
+    let mut c = claimed(4, "C/K", "1.00");
+    c.ticket_id = 8;
+    let outcome = sink.apply(std::slice::from_ref(&c), 1, far()).await[&4].clone();
+    assert!(
+        matches!(&outcome, Outcome::Permanent(r) if r.contains("portal_ticket_unique")),
+        "{outcome:?}"
+    );
+    assert!(env.doc("C/K").await.is_none());
+}
+
+/// FerretDB 1.24 takes any write concern and ignores it (even `w: 5` on its
+/// single server), so all a test here can show is that writes with each setting
+/// are taken; MongoDB's answer to an unsatisfiable one is its own.
+#[tokio::test]
+async fn writes_work_with_each_write_concern() {
+    for (w, journal) in [("majority", "true"), ("1", "false")] {
+        let env = TestEnv::new().await;
+        env.seed(20, 4).await;
+        let _r = relay(
+            &env,
+            "concern",
+            &[
+                ("OUTBOXD__MONGODB__WRITE_CONCERN", w),
+                ("OUTBOXD__MONGODB__JOURNAL", journal),
+            ],
+        );
+        assert!(env.wait_synced(Duration::from_secs(20)).await, "w: {w}");
+        assert!(env.behind().await.is_empty(), "w: {w}");
+    }
+}
+
+/// The relay's counter `outboxd_relay_claims_total{result="…"}`, 0 before the
+/// first claim.
+async fn claims(http: &reqwest::Client, port: u16, result: &str) -> f64 {
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    // Not listening yet: no claim either.
+    let Ok(response) = http.get(&url).send().await else {
+        return 0.0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("outboxd_relay_claims_total{"))
+        .filter(|l| l.contains(&format!("result=\"{result}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Due rows whose aggregate another session holds (a frozen relay, say): the
+/// worker finds nothing to claim, and must not claim again at once, over and
+/// over, while the holder stays frozen.
+#[tokio::test]
+async fn a_worker_backs_off_while_due_rows_are_all_held_by_another_session() {
+    let env = TestEnv::new().await;
+    env.seed(5, 1).await;
+    let holder = env.pg().await;
+    holder
+        .execute(
+            "SELECT pg_advisory_lock($1, hashtext('C-0/K'))",
+            &[&outboxd::outbox::AGGREGATE_LOCK_CLASS],
+        )
+        .await
+        .unwrap();
+    let port = free_port();
+    let poll_ms = 1000;
+    let _r = relay(
+        &env,
+        "held",
+        &[
+            ("OUTBOXD__RELAY__WORKERS", "1"),
+            ("OUTBOXD__RELAY__POLL_INTERVAL_MS", &poll_ms.to_string()),
+            (
+                "OUTBOXD__RELAY__METRICS_LISTEN",
+                &format!("127.0.0.1:{port}"),
+            ),
+        ],
+    );
+    let http = common::http();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            claims(&http, port, "empty").await >= 1.0
+        })
+        .await,
+        "the relay claims"
+    );
+    let start = claims(&http, port, "empty").await;
+    let window = Duration::from_secs(4);
+    tokio::time::sleep(window).await;
+    let empty = claims(&http, port, "empty").await - start;
+    // At the poll interval's rate that is 4; spinning every 20 ms, about 200.
+    let bound = 3.0 * window.as_secs_f64() * 1000.0 / poll_ms as f64;
+    assert!(
+        empty <= bound,
+        "{empty} empty claims in {window:?}, more than {bound}"
+    );
+    assert_eq!(env.unsynced().await, 5, "the held aggregate waits");
+    // Once the holder lets go, the rows go within about a poll interval.
+    drop(holder);
+    assert!(env.wait_synced(Duration::from_secs(10)).await);
+}

@@ -3,8 +3,9 @@
 //! `run_batch` returns `Ok(Some(progress))` when it claimed rows (go on at once
 //! after a full batch; after a partial one, wait for a wake-up or a short pause;
 //! back off while MongoDB is down), `Ok(None)` when nothing was due (wait for a
-//! wake-up, the next due row, or the poll interval), and `Err` when PostgreSQL
-//! failed (back off, then try again).
+//! wake-up, the next due row, or the poll interval; when rows are due but all
+//! held by other sessions, a pause that doubles up to the poll interval), and
+//! `Err` when PostgreSQL failed (back off, then try again).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,7 +24,8 @@ use crate::mongo::{self, Outcome, Sink, StartBy};
 use crate::outbox::{self, Batch};
 use crate::systemd::Heartbeat;
 
-/// The pause before claiming again when due rows are all held by others.
+/// The first pause before claiming again when due rows are all held by others;
+/// it doubles while they stay held, up to the poll interval.
 const BUSY_RETRY: Duration = Duration::from_millis(20);
 
 /// What all workers of one relay share.
@@ -60,6 +62,9 @@ pub async fn run(shared: Arc<Shared>, wake: Arc<Notify>, nudge: Arc<Notify>) {
     // An error that is no outage (a missing privilege, say): logged once, and
     // retried with backoff rather than on every wake-up.
     let mut failing: Option<String> = None;
+    // While every due row is held by another session (a frozen relay, say),
+    // empty claims only cost PostgreSQL time: the pause between them grows.
+    let mut held_pause = BUSY_RETRY;
     while !shutdown.is_cancelled() {
         shared.heartbeat.beat();
         let result = run_batch(&shared).await;
@@ -74,6 +79,9 @@ pub async fn run(shared: Arc<Shared>, wake: Arc<Notify>, nudge: Arc<Notify>) {
                 rows,
             })) => {
                 backoff = schedule();
+                if rows > 0 {
+                    held_pause = BUSY_RETRY;
+                }
                 if rows as i64 >= shared.config.batch_size {
                     // More is likely due: go on, and bring in an idle worker.
                     nudge.notify_one();
@@ -91,7 +99,18 @@ pub async fn run(shared: Arc<Shared>, wake: Arc<Notify>, nudge: Arc<Notify>) {
             Ok(None) if shutdown.is_cancelled() => break,
             Ok(None) => {
                 backoff = schedule();
-                idle_wait(&shared, poll).await
+                match idle_wait(&shared, poll).await {
+                    Some(Idle::Held) => {
+                        let pause = held_pause;
+                        held_pause = (held_pause * 2).min(poll);
+                        Some(pause)
+                    }
+                    Some(Idle::Until(pause)) => {
+                        held_pause = BUSY_RETRY;
+                        Some(pause)
+                    }
+                    None => None,
+                }
             }
             Err(e) if is_transient(&e) => {
                 shared.postgres.failed(&db::summarize_any(&e));
@@ -118,18 +137,24 @@ pub async fn run(shared: Arc<Shared>, wake: Arc<Notify>, nudge: Arc<Notify>) {
     }
 }
 
-/// How long to sleep when nothing is due: until the earliest `next_attempt_at`,
-/// at most the poll interval. A NOTIFY ends the sleep sooner.
-async fn idle_wait(shared: &Shared, poll: Duration) -> Option<Duration> {
+/// Why a claim found nothing.
+enum Idle {
+    /// Rows are due, but another session holds them or their aggregate.
+    Held,
+    /// Nothing is due: sleep this long (until the earliest `next_attempt_at`,
+    /// at most the poll interval).
+    Until(Duration),
+}
+
+/// Why a claim found nothing; `None` when that cannot be read (or nothing is
+/// pending): sleep the poll interval. A NOTIFY ends any sleep sooner.
+async fn idle_wait(shared: &Shared, poll: Duration) -> Option<Idle> {
     let client = shared.pool.get().await.ok()?;
     let due = outbox::next_due(&client).await.ok()??;
-    // Rows already due were skipped because another relay holds them or their
-    // aggregate: look again shortly rather than spin.
-    let until = (due - Utc::now())
-        .to_std()
-        .unwrap_or(Duration::ZERO)
-        .max(BUSY_RETRY);
-    Some(until.min(poll))
+    match (due - Utc::now()).to_std() {
+        Ok(until) if until > Duration::ZERO => Some(Idle::Until(until.max(BUSY_RETRY).min(poll))),
+        _ => Some(Idle::Held),
+    }
 }
 
 pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Error> {
@@ -178,6 +203,12 @@ pub async fn run_batch(shared: &Shared) -> Result<Option<Progress>, anyhow::Erro
         }
     };
     shared.postgres.ok();
+    let result = if batch.rows.is_empty() {
+        "empty"
+    } else {
+        "rows"
+    };
+    metrics::counter!("outboxd_relay_claims_total", "result" => result).increment(1);
     if batch.rows.is_empty() {
         release_locks(client).await;
         return Ok(None);
