@@ -190,7 +190,12 @@ fn malformed_url(url: &str, err: &MongoError) -> String {
 pub fn redact(err: &MongoError) -> String {
     match &*err.kind {
         ErrorKind::Authentication { .. } => "authentication failed".into(),
-        _ => err.to_string(),
+        // Not the error's own text: it appends the server's raw reply, which
+        // may quote the document, as a hex dump.
+        ErrorKind::Command(c) => {
+            format!("MongoDB error {} ({}): {}", c.code, c.code_name, c.message)
+        }
+        kind => kind.to_string(),
     }
 }
 
