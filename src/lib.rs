@@ -16,5 +16,6 @@ pub mod outbox;
 pub mod relay;
 pub mod shutdown;
 pub mod sign;
+pub mod status;
 pub mod systemd;
 pub mod telemetry;

@@ -68,7 +68,7 @@ pub async fn snapshot(client: &deadpool_postgres::Object) -> anyhow::Result<Valu
     let counts: serde_json::Map<String, Value> = outbox::counts(c)
         .await?
         .into_iter()
-        .map(|(s, n)| (s, json!(n)))
+        .map(|(s, n)| (s.to_string(), json!(n)))
         .collect();
     let (lag_n, p50, p99, max) = outbox::lag_last_minute(c).await?;
     let failed: Vec<Value> = outbox::failed_by_error(c)
@@ -88,7 +88,7 @@ pub async fn snapshot(client: &deadpool_postgres::Object) -> anyhow::Result<Valu
     let notifications: serde_json::Map<String, Value> = crate::notify::store::counts(c)
         .await?
         .into_iter()
-        .map(|(s, n)| (s.to_owned(), json!(n)))
+        .map(|(s, n)| (s.to_string(), json!(n)))
         .collect();
     Ok(json!({
         "counts": counts,
@@ -264,7 +264,7 @@ async fn retry_with(config: &Config, args: &RetryArgs) -> anyhow::Result<u8> {
     if left.is_empty() {
         return Ok(0);
     }
-    let found: HashMap<i64, String> = outbox::statuses(&client, &left)
+    let found: HashMap<i64, crate::status::Status> = outbox::statuses(&client, &left)
         .await?
         .into_iter()
         .collect();

@@ -8,6 +8,7 @@ use serde_json::Value;
 use tokio_postgres::Error;
 
 use crate::ingest::webhook::Event;
+use crate::status::Status;
 
 pub mod current;
 
@@ -378,12 +379,9 @@ pub async fn mark_attempt_failed(
     ids: &[i64],
     relay_id: &str,
     locked_until: DateTime<Utc>,
-    error: &str,
-    permanent: bool,
-    max_attempts: i32,
-    base_ms: f64,
-    cap_ms: f64,
-) -> Result<Vec<(i64, String)>, Error> {
+    failure: &Failure<'_>,
+    retry: &RetryPolicy,
+) -> Result<Vec<(i64, Status)>, Error> {
     const SQL: &str = concat!(
         "
         WITH moved AS (
@@ -409,15 +407,42 @@ pub async fn mark_attempt_failed(
                 &ids,
                 &relay_id,
                 &locked_until,
-                &error,
-                &permanent,
-                &max_attempts,
-                &base_ms,
-                &cap_ms,
+                &failure.error,
+                &failure.permanent,
+                &retry.max_attempts,
+                &retry.base_ms,
+                &retry.cap_ms,
             ],
         )
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Why an attempt failed: the error recorded, and whether retrying is useless.
+#[derive(Debug, Clone, Copy)]
+pub struct Failure<'a> {
+    pub error: &'a str,
+    pub permanent: bool,
+}
+
+/// When a failed attempt is retried, and when it is given up: the `relay` or
+/// `notify` section's `max_attempts` and backoff (`backoff_sql!`).
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_attempts: i32,
+    pub base_ms: f64,
+    pub cap_ms: f64,
+}
+
+impl RetryPolicy {
+    /// Outbox rows': `relay.max_attempts` and its backoff.
+    pub fn of_rows(relay: &crate::config::RelayConfig) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: relay.max_attempts,
+            base_ms: relay.backoff_base_ms as f64,
+            cap_ms: relay.backoff_cap_ms as f64,
+        }
+    }
 }
 
 /// Advisory-lock class for "this session writes this aggregate to MongoDB now".
@@ -496,8 +521,8 @@ pub struct Rescued {
     pub email_id: i64,
     pub idempotency_key: String,
     pub operation: String,
-    /// `pending`, or `failed` when out of attempts.
-    pub status: String,
+    /// `Pending`, or `Failed` when out of attempts.
+    pub status: Status,
     pub attempts: i32,
     /// The relay that held it.
     pub held_by: Option<String>,
@@ -595,7 +620,7 @@ pub async fn delete_expired_keys(client: &impl GenericClient, limit: i64) -> Res
 /// Rows per status, for `outboxd status`. Each count names its status as a
 /// constant, so that it reads that status's partial index: a status given as a
 /// parameter or a column makes every count scan the whole table.
-pub async fn counts(client: &impl GenericClient) -> Result<Vec<(String, i64)>, Error> {
+pub async fn counts(client: &impl GenericClient) -> Result<Vec<(Status, i64)>, Error> {
     let row = client
         .query_one(
             "SELECT (SELECT count(*) FROM outbox_messages WHERE status = 'pending'),
@@ -605,10 +630,11 @@ pub async fn counts(client: &impl GenericClient) -> Result<Vec<(String, i64)>, E
             &[],
         )
         .await?;
-    Ok(["pending", "processing", "synced", "failed"]
+    // In the order of the statement's columns.
+    Ok(Status::ALL
         .iter()
         .enumerate()
-        .map(|(i, status)| (status.to_string(), row.get(i)))
+        .map(|(i, status)| (*status, row.get(i)))
         .collect())
 }
 
@@ -662,7 +688,7 @@ pub async fn requeue_failed(
 pub async fn statuses(
     client: &impl GenericClient,
     ids: &[i64],
-) -> Result<Vec<(i64, String)>, Error> {
+) -> Result<Vec<(i64, Status)>, Error> {
     let rows = client
         .query(
             "SELECT id, status FROM outbox_messages WHERE id = ANY($1) ORDER BY id",

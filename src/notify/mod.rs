@@ -24,8 +24,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Invalid, NotifyConfig};
 use crate::db;
+use crate::outbox::{Failure, RetryPolicy};
 use crate::relay::health::Health;
 use crate::relay::worker::is_transient;
+use crate::status::MailStatus;
 use mail::Composer;
 use smtp::{SendError, Smtp};
 
@@ -33,8 +35,8 @@ use smtp::{SendError, Smtp};
 pub struct Sender {
     relay_id: String,
     config: NotifyConfig,
-    backoff_base_ms: f64,
-    backoff_cap_ms: f64,
+    /// `notify.max_attempts`, with the outbox rows' backoff.
+    retry: RetryPolicy,
     poll: Duration,
     pool: Pool,
     composer: Composer,
@@ -64,8 +66,10 @@ impl Sender {
             composer: Composer::new(&config.notify)?,
             smtp: Smtp::new(&config.notify)?,
             config: config.notify.clone(),
-            backoff_base_ms: config.relay.backoff_base_ms as f64,
-            backoff_cap_ms: config.relay.backoff_cap_ms as f64,
+            retry: RetryPolicy {
+                max_attempts: config.notify.max_attempts,
+                ..RetryPolicy::of_rows(&config.relay)
+            },
             poll: Duration::from_millis(config.relay.poll_interval_ms),
             pool,
             health: Health::new("SMTP"),
@@ -245,11 +249,11 @@ impl Sender {
                         &ids,
                         relay_id,
                         until,
-                        &error,
-                        permanent,
-                        self.config.max_attempts,
-                        self.backoff_base_ms,
-                        self.backoff_cap_ms,
+                        &Failure {
+                            error: &error,
+                            permanent,
+                        },
+                        &self.retry,
                     )
                     .await?,
                 )
@@ -259,7 +263,7 @@ impl Sender {
             .await?;
             for (id, status) in moved {
                 let attempts = attempts.get(&id).copied().unwrap_or(0) + 1;
-                if status == "failed" {
+                if status == MailStatus::Failed {
                     metrics::counter!("outboxd_notify_failed_total").increment(1);
                     tracing::warn!(outbox_id = id, relay_id, attempts, error = %error,
                         "notification failed");
@@ -280,7 +284,7 @@ impl Sender {
         for (id, status, held_by) in
             store::rescue_expired(&client, self.config.max_attempts, limit).await?
         {
-            let counter = if status == "failed" {
+            let counter = if status == MailStatus::Failed {
                 "outboxd_notify_failed_total"
             } else {
                 "outboxd_notify_retried_total"
@@ -292,8 +296,8 @@ impl Sender {
         let counts = store::counts(&client).await?;
         for (status, n) in counts {
             match status {
-                "pending" => metrics::gauge!("outboxd_notify_pending_rows").set(n as f64),
-                "failed" => metrics::gauge!("outboxd_notify_failed_rows").set(n as f64),
+                MailStatus::Pending => metrics::gauge!("outboxd_notify_pending_rows").set(n as f64),
+                MailStatus::Failed => metrics::gauge!("outboxd_notify_failed_rows").set(n as f64),
                 _ => {}
             }
         }

@@ -6,6 +6,9 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use tokio_postgres::Error;
 
+use crate::outbox::{Failure, RetryPolicy};
+use crate::status::MailStatus;
+
 /// One notification owed, with everything its mail needs.
 #[derive(Debug, Clone)]
 pub struct Notification {
@@ -122,19 +125,15 @@ pub async fn mark_sent(
 }
 
 /// Records a failed send: back to `pending` with the outbox's backoff formula,
-/// or `failed` when `permanent` or out of attempts. Returns `(id, status)`.
-#[allow(clippy::too_many_arguments)]
+/// or `failed` when permanent or out of attempts. Returns `(id, status)`.
 pub async fn mark_attempt_failed(
     client: &impl GenericClient,
     ids: &[i64],
     relay_id: &str,
     locked_until: DateTime<Utc>,
-    error: &str,
-    permanent: bool,
-    max_attempts: i32,
-    base_ms: f64,
-    cap_ms: f64,
-) -> Result<Vec<(i64, String)>, Error> {
+    failure: &Failure<'_>,
+    retry: &RetryPolicy,
+) -> Result<Vec<(i64, MailStatus)>, Error> {
     const SQL: &str = concat!(
         "
         UPDATE outbox_notifications
@@ -155,11 +154,11 @@ pub async fn mark_attempt_failed(
                 &ids,
                 &relay_id,
                 &locked_until,
-                &error,
-                &permanent,
-                &max_attempts,
-                &base_ms,
-                &cap_ms,
+                &failure.error,
+                &failure.permanent,
+                &retry.max_attempts,
+                &retry.base_ms,
+                &retry.cap_ms,
             ],
         )
         .await?;
@@ -190,7 +189,7 @@ pub async fn rescue_expired(
     client: &impl GenericClient,
     max_attempts: i32,
     limit: i64,
-) -> Result<Vec<(i64, String, Option<String>)>, Error> {
+) -> Result<Vec<(i64, MailStatus, Option<String>)>, Error> {
     const SQL: &str = "
         WITH expired AS (
             SELECT outbox_id, locked_by FROM outbox_notifications
@@ -239,7 +238,7 @@ pub async fn delete_sent_before(
 }
 
 /// Notification counts by status: pending, processing, sent, failed.
-pub async fn counts(client: &impl GenericClient) -> Result<[(&'static str, i64); 4], Error> {
+pub async fn counts(client: &impl GenericClient) -> Result<[(MailStatus, i64); 4], Error> {
     const SQL: &str = "
         SELECT count(*) FILTER (WHERE status = 'pending'),
                count(*) FILTER (WHERE status = 'processing'),
@@ -248,10 +247,10 @@ pub async fn counts(client: &impl GenericClient) -> Result<[(&'static str, i64);
         FROM outbox_notifications";
     let row = client.query_one(SQL, &[]).await?;
     Ok([
-        ("pending", row.get(0)),
-        ("processing", row.get(1)),
-        ("sent", row.get(2)),
-        ("failed", row.get(3)),
+        (MailStatus::Pending, row.get(0)),
+        (MailStatus::Processing, row.get(1)),
+        (MailStatus::Sent, row.get(2)),
+        (MailStatus::Failed, row.get(3)),
     ])
 }
 

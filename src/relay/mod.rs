@@ -309,7 +309,7 @@ async fn rescue_leases(shared: &Shared) -> anyhow::Result<()> {
     )
     .await?;
     for row in &rescued {
-        let counter = if row.status == "failed" {
+        let counter = if row.status == crate::status::Status::Failed {
             "outboxd_relay_rows_failed_total"
         } else {
             "outboxd_relay_rows_retried_total"

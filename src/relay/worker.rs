@@ -22,6 +22,7 @@ use crate::config::RelayConfig;
 use crate::db;
 use crate::mongo::{self, Outcome, Sink, StartBy};
 use crate::outbox::{self, Batch};
+use crate::status::Status;
 use crate::systemd::Heartbeat;
 
 /// The first pause before claiming again when due rows are all held by others;
@@ -488,11 +489,11 @@ async fn mark(
                     &ids,
                     &shared.relay_id,
                     batch.locked_until,
-                    &error,
-                    permanent,
-                    config.max_attempts,
-                    config.backoff_base_ms as f64,
-                    config.backoff_cap_ms as f64,
+                    &outbox::Failure {
+                        error: &error,
+                        permanent,
+                    },
+                    &outbox::RetryPolicy::of_rows(config),
                 )
                 .await?,
             )
@@ -502,7 +503,7 @@ async fn mark(
         .await?;
         for (id, status) in &moved {
             let row = rows_by_id[id];
-            if status == "failed" {
+            if *status == Status::Failed {
                 metrics::counter!("outboxd_relay_rows_failed_total").increment(1);
                 tracing::warn!(
                     outbox_id = row.id, email_id = row.email_id, idempotency_key = %row.idempotency_key,
