@@ -19,13 +19,14 @@ use crate::config::DatabaseConfig;
 const SERVER_KEEPALIVES: &str =
     "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3";
 
-/// Every session's search_path: the built-ins first, then the schema outboxd's
-/// tables live in, and no `"$user"` schema, which another role may create. With
-/// pg_catalog named first, an object planted in `public` cannot shadow a built-in
-/// of the same signature; the SQL qualifies the calls whose arguments an
-/// overload could match better (`pg_catalog.nextval(…)`). A URL whose `options`
-/// set their own search_path (tables in another schema) wins.
-const SEARCH_PATH: &str = "-c search_path=pg_catalog,public";
+/// Every session's search_path: only the schema outboxd's tables live in, and
+/// no `"$user"` schema, which another role may create. pg_catalog, not listed,
+/// is searched first, so an object planted in `public` cannot shadow a built-in
+/// of the same signature (listed first, it would also be where `migrate`
+/// creates tables); the SQL qualifies the calls whose arguments an overload
+/// could match better (`pg_catalog.nextval(…)`). A URL whose `options` set
+/// their own search_path (tables in another schema) wins.
+const SEARCH_PATH: &str = "-c search_path=public";
 
 /// Parses the URL and applies the configured timeouts; errors never echo the URL.
 pub fn pg_config(config: &DatabaseConfig) -> anyhow::Result<tokio_postgres::Config> {

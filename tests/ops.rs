@@ -416,6 +416,15 @@ async fn functions_planted_in_public_gain_nothing() {
     })
     .await;
     ingest.stop().await;
+    // And the other commands' sessions.
+    for args in [&["migrate"][..], &["check"], &["status"], &["audit"]] {
+        let (code, out) = outboxd(args, &env);
+        // `status` exits 2: the poison row failed.
+        assert!(
+            code == 0 || (args == ["status"] && code == 2),
+            "{args:?}: {out}"
+        );
+    }
     let calls: Vec<String> = pg
         .query(
             "SELECT fn || ' as ' || at_user FROM public.planted_calls",
