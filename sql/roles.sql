@@ -28,6 +28,11 @@
 -- If PUBLIC's default CONNECT on the database was revoked, also run
 -- `GRANT CONNECT ON DATABASE outboxd TO outboxd_ingest, outboxd_relay, outboxd_readonly;`.
 --
+-- It also takes CREATE on schema public from PUBLIC (every role, before
+-- PostgreSQL 15), so no role can plant a function or table there that outboxd's
+-- sessions would run. A function planted earlier stays: list them with
+-- `\df public.*` and drop what you did not create.
+--
 -- What each role may do:
 --   outboxd_ingest    insert the e-mail, its outbox row and its idempotency key
 --                     (one transaction per webhook), read the keys back, re-take
@@ -113,6 +118,18 @@ $$;
 
 -- All three: the schema.
 GRANT USAGE ON SCHEMA public TO outboxd_ingest, outboxd_relay, outboxd_readonly;
+-- No one else creates in it (the default from PostgreSQL 15 on; before, every
+-- role may): outboxd's sessions would run a function planted there with their
+-- privileges. Only the schema's owner can revoke (before 15, a superuser);
+-- anyone else gets the warning below.
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+DO $$ BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a
+               WHERE n.nspname = 'public' AND a.grantee = 0 AND a.privilege_type = 'CREATE') THEN
+        RAISE WARNING 'outboxd roles.sql: every role may still CREATE in schema public'
+            USING HINT = 'As a superuser or the schema''s owner: REVOKE CREATE ON SCHEMA public FROM PUBLIC;';
+    END IF;
+END $$;
 
 -- outboxd_ingest ------------------------------------------------------------
 -- Only the columns its statement writes: state columns (status, attempts,

@@ -26,6 +26,15 @@ use crate::config::DatabaseConfig;
 const SERVER_KEEPALIVES: &str =
     "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3";
 
+/// Every session's search_path: only the schema outboxd's tables live in, and
+/// no `"$user"` schema, which another role may create. pg_catalog, not listed,
+/// is searched first, so an object planted in `public` cannot shadow a built-in
+/// of the same signature (listed first, it would also be where `migrate`
+/// creates tables); the SQL qualifies the calls whose arguments an overload
+/// could match better (`pg_catalog.nextval(…)`). A URL whose `options` set
+/// their own search_path (tables in another schema) wins.
+const SEARCH_PATH: &str = "-c search_path=public";
+
 /// Parses the URL and applies the configured timeouts; errors never echo the URL.
 pub fn pg_config(config: &DatabaseConfig) -> anyhow::Result<tokio_postgres::Config> {
     Ok(parse(config)?.0)
@@ -53,8 +62,8 @@ fn parse(config: &DatabaseConfig) -> anyhow::Result<(tokio_postgres::Config, Tls
         pg.application_name("outboxd");
     }
     // Added to the URL's own `options` (a search_path, say), not in their place.
-    // Later settings win: the URL's over the keepalives, the configured
-    // statement_timeout over the URL's.
+    // Later settings win: the URL's over the search_path and the keepalives,
+    // the configured statement_timeout over the URL's.
     let mut options = Vec::new();
     if config.server_keepalives {
         options.push(SERVER_KEEPALIVES.to_owned());
@@ -71,7 +80,10 @@ fn parse(config: &DatabaseConfig) -> anyhow::Result<(tokio_postgres::Config, Tls
             config.statement_timeout_ms
         ));
     }
+    // Behind PgBouncer, which refuses the parameter, nothing is sent (the
+    // keepalives and the timeout are off): the role's own search_path holds there.
     if !options.is_empty() {
+        options.insert(0, SEARCH_PATH.to_owned());
         pg.options(options.join(" "));
     }
     Ok((pg, tls))

@@ -63,13 +63,13 @@ pub async fn run(client: &mut Client) -> anyhow::Result<Vec<String>> {
         .await
         .context("cannot set up the migration session")?;
     client
-        .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
+        .execute("SELECT pg_catalog.pg_advisory_lock($1)", &[&LOCK_KEY])
         .await
         .context("cannot take the migration lock")?;
     let result = apply_pending(client).await;
     // The lock is per session; release it even when a file failed.
     let _ = client
-        .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
+        .execute("SELECT pg_catalog.pg_advisory_unlock($1)", &[&LOCK_KEY])
         .await;
     result
 }
@@ -209,7 +209,10 @@ pub async fn warn_unless_current(client: &Client) {
 /// The highest applied version, or `None` before the first migration.
 async fn current_version(client: &Client) -> anyhow::Result<Option<i32>> {
     let exists: bool = client
-        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .query_one(
+            "SELECT pg_catalog.to_regclass('schema_migrations') IS NOT NULL",
+            &[],
+        )
         .await?
         .get(0);
     if !exists {

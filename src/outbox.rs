@@ -31,8 +31,8 @@ pub struct Accepted {
 pub const ENQUEUE: &str = "
         WITH k AS (
             INSERT INTO idempotency_keys (key, webhook_id, email_id, outbox_id, expires_at)
-            VALUES ($1, $2, nextval('incoming_emails_id_seq'), nextval('outbox_messages_id_seq'),
-                    now() + $3 * interval '1 second')
+            VALUES ($1, $2, pg_catalog.nextval('incoming_emails_id_seq'), pg_catalog.nextval('outbox_messages_id_seq'),
+                    now() + $3::float8 * interval '1 second')
             ON CONFLICT (key) DO UPDATE
                 SET webhook_id = EXCLUDED.webhook_id, email_id = EXCLUDED.email_id,
                     outbox_id = EXCLUDED.outbox_id, created_at = now(), expires_at = EXCLUDED.expires_at
@@ -124,7 +124,7 @@ pub async fn accepted_by_webhook(
 /// Wakes listening relays. Sent by ingest after commit, coalesced.
 pub async fn notify(client: &impl GenericClient) -> Result<(), Error> {
     client
-        .execute("SELECT pg_notify($1, '')", &[&CHANNEL])
+        .execute("SELECT pg_catalog.pg_notify($1, '')", &[&CHANNEL])
         .await
         .map(|_| ())
 }
@@ -198,7 +198,7 @@ pub const CLAIM: &str = "
               AND NOT EXISTS (SELECT 1 FROM outbox_messages busy
                               WHERE busy.aggregate_id = outbox_messages.aggregate_id
                                 AND busy.status = 'processing')
-              AND pg_try_advisory_lock($4, hashtext(aggregate_id))
+              AND pg_catalog.pg_try_advisory_lock($4, pg_catalog.hashtext(aggregate_id))
             ORDER BY next_attempt_at, id LIMIT $2
             FOR UPDATE SKIP LOCKED),
         fresh AS (
@@ -208,7 +208,7 @@ pub const CLAIM: &str = "
               AND NOT EXISTS (SELECT 1 FROM outbox_messages busy
                               WHERE busy.aggregate_id = outbox_messages.aggregate_id
                                 AND busy.status = 'processing')
-              AND pg_try_advisory_lock($4, hashtext(aggregate_id))
+              AND pg_catalog.pg_try_advisory_lock($4, pg_catalog.hashtext(aggregate_id))
             -- A constant limit (in a custom plan): the planner reads any other
             -- as a tenth of the rows, and might sort them all instead.
             ORDER BY id LIMIT $2
@@ -218,7 +218,7 @@ pub const CLAIM: &str = "
             UNION ALL
             (SELECT id FROM fresh ORDER BY id LIMIT $2 - (SELECT count(*) FROM retry)))
         UPDATE outbox_messages o
-        SET status = 'processing', locked_by = $1, locked_until = now() + $3 * interval '1 second',
+        SET status = 'processing', locked_by = $1, locked_until = now() + $3::float8 * interval '1 second',
             updated_at = now()
         FROM incoming_emails e
         -- An array, not a join: the rows are found by primary key whatever
@@ -347,7 +347,7 @@ pub async fn extend_lease(
 ) -> Result<Option<DateTime<Utc>>, Error> {
     const SQL: &str = "
         UPDATE outbox_messages
-        SET locked_until = greatest(locked_until, now() + $4 * interval '1 second'),
+        SET locked_until = greatest(locked_until, now() + $4::float8 * interval '1 second'),
             updated_at = now()
         WHERE id = ANY($1) AND status = 'processing' AND locked_by = $2 AND locked_until = $3
         RETURNING locked_until";
@@ -365,7 +365,7 @@ pub async fn extend_lease(
 macro_rules! backoff_sql {
     () => {
         // Capped exponent: 2^1024 overflows float8, and 2^60 times even 1 ms outlasts any cap.
-        "now() + least($8::float8, $7::float8 * power(2, least(attempts, 60)))
+        "now() + least($8::float8, $7::float8 * pg_catalog.power(2, least(attempts, 60)))
          * (0.5 + random() / 2) * interval '1 millisecond'"
     };
 }
@@ -504,7 +504,7 @@ pub async fn extend_held(
 ) -> Result<(usize, Option<DateTime<Utc>>), Error> {
     const SQL: &str = "
         UPDATE outbox_messages
-        SET locked_until = greatest(locked_until, now() + $2 * interval '1 second'),
+        SET locked_until = greatest(locked_until, now() + $2::float8 * interval '1 second'),
             updated_at = now()
         WHERE status = 'processing' AND locked_by = $1
         RETURNING locked_until";
@@ -592,7 +592,7 @@ pub async fn delete_synced_before(
         .execute(
             "DELETE FROM outbox_messages WHERE id IN (
                  SELECT id FROM outbox_messages o
-                 WHERE status = 'synced' AND synced_at < now() - $1 * interval '1 second'
+                 WHERE status = 'synced' AND synced_at < now() - $1::float8 * interval '1 second'
                    AND EXISTS (SELECT 1 FROM outbox_messages newer
                                WHERE newer.aggregate_id = o.aggregate_id AND newer.id > o.id
                                  AND newer.status = 'synced')
@@ -721,7 +721,7 @@ pub async fn requeue_synced(client: &impl GenericClient, ids: &[i64]) -> Result<
 /// `pg_sequence_last_value` reads as NULL once it was restarted.
 pub async fn id_marks(client: &impl GenericClient) -> Result<(Option<i64>, i64), Error> {
     const SQL: &str = "
-        SELECT coalesce(max(id), 0), pg_get_serial_sequence('outbox_messages', 'id')
+        SELECT coalesce(max(id), 0), pg_catalog.pg_get_serial_sequence('outbox_messages', 'id')
         FROM outbox_messages";
     let row = client.query_one(SQL, &[]).await?;
     let (max_id, sequence): (i64, Option<String>) = (row.get(0), row.get(1));
@@ -814,8 +814,8 @@ pub async fn lag_last_minute(
     let row = client
         .query_one(
             "SELECT count(*),
-                    percentile_cont(0.5) WITHIN GROUP (ORDER BY lag),
-                    percentile_cont(0.99) WITHIN GROUP (ORDER BY lag),
+                    pg_catalog.percentile_cont(0.5) WITHIN GROUP (ORDER BY lag),
+                    pg_catalog.percentile_cont(0.99) WITHIN GROUP (ORDER BY lag),
                     max(lag)
              FROM (SELECT extract(epoch FROM synced_at - created_at)::float8 * 1000 AS lag
                    FROM outbox_messages

@@ -541,6 +541,12 @@ async fn options_in_the_database_url_are_kept_beside_the_timeout_and_keepalives(
         }
     };
     assert_eq!(show("search_path").await, "creditors,public");
+    // Without one in the URL, outboxd's own: no "$user" (the built-ins come
+    // first unlisted).
+    let pinned = outboxd::db::pool(&env.config().database).unwrap();
+    let pinned = pinned.get().await.unwrap();
+    let row = pinned.query_one("SHOW search_path", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "public");
     // The configured timeout comes last, so it wins over the URL's.
     assert_eq!(show("statement_timeout").await, "1234ms");
     // The server detects a dead client within seconds, not hours; the URL's own

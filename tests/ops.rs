@@ -337,16 +337,136 @@ async fn login_role(env: &TestEnv, group: &str) -> (String, String) {
     (name, url)
 }
 
+/// sql/roles.sql as SQL: the file is written for psql, and its meta-commands
+/// are psql's.
+fn roles_sql() -> String {
+    include_str!("../sql/roles.sql")
+        .lines()
+        .filter(|l| !l.starts_with('\\'))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+#[tokio::test]
+async fn functions_planted_in_public_gain_nothing() {
+    let env = TestEnv::new().await;
+    let pg = env.pg().await;
+    // PostgreSQL before 15 lets every role create in `public`.
+    let attacker = format!("t_attacker_{:08x}", fastrand::u32(..));
+    pg.batch_execute(&format!(
+        "CREATE ROLE {attacker} LOGIN PASSWORD 'pw';
+         GRANT CREATE ON SCHEMA public TO PUBLIC;"
+    ))
+    .await
+    .unwrap();
+    let attacker_url = env
+        .database_url
+        .replacen("outboxd:outboxd@", &format!("{attacker}:pw@"), 1);
+    let (as_attacker, conn) = tokio_postgres::connect(&attacker_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // Overloads that beat the built-ins for outboxd's arguments (an untyped
+    // literal prefers text; integers are closer than float8), each recording
+    // that it ran with outboxd's privileges, then doing the built-in's work.
+    as_attacker
+        .batch_execute(
+            "CREATE TABLE public.planted_calls (fn text, at_user text);
+             GRANT ALL ON public.planted_calls TO PUBLIC;
+             CREATE FUNCTION public.nextval(text) RETURNS bigint LANGUAGE sql AS $$
+                 INSERT INTO public.planted_calls VALUES ('nextval', current_user);
+                 SELECT pg_catalog.nextval($1::pg_catalog.regclass) $$;
+             CREATE FUNCTION public.power(integer, integer) RETURNS double precision
+             LANGUAGE sql AS $$
+                 INSERT INTO public.planted_calls VALUES ('power', current_user);
+                 SELECT pg_catalog.power($1::float8, $2::float8) $$;
+             -- And an operator that would type an untyped parameter as text:
+             -- outboxd's f64 could then not be sent, and nothing would flow.
+             CREATE FUNCTION public.text_times(text, interval) RETURNS interval
+             LANGUAGE sql AS $$
+                 INSERT INTO public.planted_calls VALUES ('*', current_user);
+                 SELECT $2 $$;
+             CREATE OPERATOR public.* (FUNCTION = public.text_times,
+                                       LEFTARG = text, RIGHTARG = interval);",
+        )
+        .await
+        .unwrap();
+
+    let roles = roles_sql();
+    pg.batch_execute(&roles).await.expect("roles.sql applies");
+
+    // A webhook (ingest takes its ids with nextval) and a row the relay fails
+    // (its backoff uses power), under the owner's URL: the role with the most to lose.
+    let ingest = Ingest::start(&env.config()).await;
+    let http = common::http();
+    let (status, body) = post_signed(&http, &ingest.url(), SAMPLE).await;
+    pg.batch_execute(
+        "WITH e AS (INSERT INTO incoming_emails (webhook_id, ticket_id, from_address, subject, body)
+                    VALUES ('poison', 1, 'a@b', 's', 'b') RETURNING id)
+         INSERT INTO outbox_messages (operation, aggregate_id, payload, email_id, idempotency_key)
+         SELECT 'update_creditor_debt', 'poison/K', '{\"amount\": \"ten euros\"}', id, 'poison' FROM e",
+    )
+    .await
+    .unwrap();
+    let r = relay(&env, "planted");
+    let done = eventually(Duration::from_secs(30), || async {
+        env.count("SELECT count(*) FROM outbox_messages WHERE status IN ('pending', 'processing')")
+            .await
+            == 0
+    })
+    .await;
+    ingest.stop().await;
+    // And the other commands' sessions.
+    for args in [&["migrate"][..], &["check"], &["status"], &["audit"]] {
+        let (code, out) = outboxd(args, &env);
+        // `status` exits 2: the poison row failed.
+        assert!(
+            code == 0 || (args == ["status"] && code == 2),
+            "{args:?}: {out}"
+        );
+    }
+    let calls: Vec<String> = pg
+        .query(
+            "SELECT fn || ' as ' || at_user FROM public.planted_calls",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(calls.is_empty(), "planted functions ran: {calls:?}");
+    assert_eq!(status, 202, "{body}");
+    assert!(done, "{}", r.log_text());
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox_messages WHERE idempotency_key = 'poison' AND status = 'failed'")
+            .await,
+        1
+    );
+    assert_eq!(env.unsynced().await, 1, "only the poison row is not synced");
+    drop(r);
+    // And after roles.sql, it can plant nothing more.
+    let err = as_attacker
+        .batch_execute("CREATE TABLE public.after_roles (x int)")
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:?}").contains("permission denied"),
+        "roles.sql takes CREATE on public from PUBLIC: {err:?}"
+    );
+
+    drop(as_attacker);
+    let _ = pg.batch_execute(&format!("DROP OWNED BY {attacker}")).await;
+    let _ = pg
+        .batch_execute(&format!("DROP ROLE IF EXISTS {attacker}"))
+        .await;
+}
+
 #[tokio::test]
 async fn roles_allow_each_job_and_nothing_else() {
     let env = TestEnv::new().await;
     let pg = env.pg().await;
-    // The file is written for psql; its meta-commands are psql's, not SQL.
-    let roles: String = include_str!("../sql/roles.sql")
-        .lines()
-        .filter(|l| !l.starts_with('\\'))
-        .map(|l| format!("{l}\n"))
-        .collect();
+    let roles = roles_sql();
     pg.batch_execute(&roles).await.expect("roles.sql applies");
     // Running it twice does no harm.
     pg.batch_execute(&roles).await.unwrap();

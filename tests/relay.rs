@@ -1249,3 +1249,67 @@ async fn a_worker_backs_off_while_due_rows_are_all_held_by_another_session() {
     drop(holder);
     assert!(env.wait_synced(Duration::from_secs(10)).await);
 }
+
+/// PostgreSQL's shared lock table: max_locks_per_transaction × (max_connections
+/// + max_prepared_transactions) entries.
+async fn lock_table(env: &TestEnv) -> i64 {
+    env.pg()
+        .await
+        .query_one(
+            "SELECT current_setting('max_locks_per_transaction')::int8
+                    * (current_setting('max_connections')::int8
+                       + current_setting('max_prepared_transactions')::int8)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_relay_whose_locks_could_fill_the_lock_table_refuses_to_start() {
+    let env = TestEnv::new().await;
+    let table = lock_table(&env).await;
+    // Each worker may hold up to twice batch_size aggregate locks: past half
+    // the table with the largest batch_size allowed.
+    let batch = 10_000;
+    let workers = (table / (4 * batch) + 1).to_string();
+    let mut greedy = relay(
+        &env,
+        "greedy",
+        &[
+            ("OUTBOXD__RELAY__WORKERS", workers.as_str()),
+            ("OUTBOXD__RELAY__BATCH_SIZE", "10000"),
+        ],
+    );
+    let status = greedy.wait_timeout(Duration::from_secs(20));
+    let log = greedy.log_text();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "refuses to start: {status:?}\n{log}"
+    );
+    for needle in [
+        "max_locks_per_transaction",
+        "max_connections",
+        &table.to_string(),
+        &format!("relay.workers ({workers})"),
+        "relay.batch_size (10000)",
+        "lower relay.batch_size",
+    ] {
+        assert!(log.contains(needle), "names {needle}:\n{log}");
+    }
+
+    // Within the bound it starts, says what share it may take, and syncs.
+    env.seed(10, 3).await;
+    let within = relay(&env, "within", &[("OUTBOXD__RELAY__BATCH_SIZE", "100")]);
+    assert!(
+        env.wait_synced(Duration::from_secs(20)).await,
+        "{}",
+        within.log_text()
+    );
+    let log = within.log_text();
+    assert!(
+        log.contains("lock table") && log.contains(r#""max_lock_entries":400"#),
+        "says its share at start-up:\n{log}"
+    );
+}

@@ -72,7 +72,7 @@ pub async fn claim(
             FOR UPDATE SKIP LOCKED)
         UPDATE outbox_notifications n
         SET status = 'processing', locked_by = $1,
-            locked_until = now() + $3 * interval '1 second', updated_at = now()
+            locked_until = now() + $3::float8 * interval '1 second', updated_at = now()
         FROM due WHERE n.outbox_id = due.outbox_id
         RETURNING n.outbox_id, n.aggregate_id, n.attempts, n.client_reference, n.creditor_name,
                   n.amount, n.currency, n.previous_amount, n.previous_currency, n.email_id,
@@ -231,7 +231,7 @@ pub async fn delete_sent_before(
     const SQL: &str = "
         DELETE FROM outbox_notifications WHERE outbox_id IN (
             SELECT outbox_id FROM outbox_notifications
-            WHERE status = 'sent' AND sent_at < now() - $1 * interval '1 second'
+            WHERE status = 'sent' AND sent_at < now() - $1::float8 * interval '1 second'
             ORDER BY sent_at LIMIT $2)";
     let stmt = client.prepare_cached(SQL).await?;
     client.execute(&stmt, &[&retention_s, &limit]).await

@@ -29,7 +29,7 @@ pub async fn newest_synced_of(
                EXISTS (SELECT 1 FROM outbox_messages b
                        WHERE b.aggregate_id = o.aggregate_id AND b.id > o.id
                          AND b.status IN ('pending', 'processing'))
-        FROM unnest($1::text[]) AS a(id)
+        FROM pg_catalog.unnest($1::text[]) AS a(id)
         JOIN LATERAL (SELECT * FROM outbox_messages m
                       WHERE m.aggregate_id = a.id AND m.status = 'synced'
                       ORDER BY m.id DESC LIMIT 1) AS o ON true
@@ -73,7 +73,7 @@ pub async fn create_seen(client: &impl GenericClient) -> Result<(), Error> {
 pub async fn add_seen(client: &impl GenericClient, ids: &[String]) -> Result<(), Error> {
     client
         .execute(
-            "INSERT INTO outboxd_audit_seen SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+            "INSERT INTO outboxd_audit_seen SELECT pg_catalog.unnest($1::text[]) ON CONFLICT DO NOTHING",
             &[&ids],
         )
         .await

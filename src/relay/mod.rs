@@ -2,6 +2,7 @@
 
 pub mod health;
 pub mod listener;
+pub mod locks;
 pub mod worker;
 
 use std::sync::Arc;
@@ -30,6 +31,31 @@ pub fn default_id() -> String {
     )
 }
 
+/// Refuses a relay whose aggregate locks could take more than its share of
+/// PostgreSQL's lock table (`locks`), and says what share it may take.
+async fn check_lock_table(
+    client: &deadpool_postgres::Object,
+    config: &Config,
+) -> anyhow::Result<()> {
+    let table = match locks::LockTable::read(client).await {
+        Ok(table) => table,
+        Err(e) => {
+            tracing::warn!(error = %db::summarize(&e), "the lock table's size is not checked");
+            return Ok(());
+        }
+    };
+    let max_lock_entries = locks::check(&table, config.relay.workers, config.relay.batch_size)?;
+    tracing::info!(
+        max_lock_entries,
+        lock_table_entries = table.entries(),
+        workers = config.relay.workers,
+        batch_size = config.relay.batch_size,
+        "lock table: this relay holds at most max_lock_entries advisory locks (refused past 1/{})",
+        locks::SHARE
+    );
+    Ok(())
+}
+
 /// Runs until `shutdown`, then stops claiming, gives back the rows not yet sent,
 /// finishes the writes in flight and their marks, and returns. Past the shutdown
 /// timeout it returns anyway, and the rows still held wait for their lease.
@@ -45,8 +71,16 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
             "database.pool_size is below relay.workers + 2: workers will wait for connections"
         );
     }
-    if let Ok(client) = pool.get().await {
-        crate::migrate::warn_unless_current(&client).await;
+    match pool.get().await {
+        Ok(client) => {
+            crate::migrate::warn_unless_current(&client).await;
+            check_lock_table(&client, config).await?;
+        }
+        // The relay waits for PostgreSQL as for any outage.
+        Err(e) => tracing::warn!(
+            error = %db::summarize_pool(&e),
+            "PostgreSQL unreachable at start: the lock table's size is not checked"
+        ),
     }
     let sink = mongo::connect(&config.mongodb).await?;
     let sender = match config.notify.enabled {
