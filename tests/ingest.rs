@@ -1081,3 +1081,77 @@ async fn a_read_only_database_answers_503_not_500() {
     assert_eq!(rows(&env).await, (1, 1, 1));
     ingest.stop().await;
 }
+
+/// `outboxd ingest` with `vars`, expected to stop at once: its exit code and
+/// everything it printed. `None` if it was still running after 15 s.
+fn ingest_exit(vars: &[(String, String)]) -> (Option<i32>, String) {
+    let mut ingest = Proc::spawn(&["ingest", "--listen", "127.0.0.1:0"], vars, "ingest");
+    let status = ingest.wait_timeout(Duration::from_secs(15));
+    (status.and_then(|s| s.code()), ingest.log_text())
+}
+
+/// The test environment with `secret` as `OUTBOXD_WEBHOOK_SECRET`.
+fn with_secret(env: &TestEnv, secret: &str) -> Vec<(String, String)> {
+    let mut vars = env.child_env();
+    vars.retain(|(k, _)| k != "OUTBOXD_WEBHOOK_SECRET");
+    vars.push(("OUTBOXD_WEBHOOK_SECRET".into(), secret.into()));
+    vars
+}
+
+#[tokio::test]
+async fn refuses_the_development_secret_or_a_short_one_outside_development() {
+    let env = TestEnv::new().await;
+    for (secret, why) in [
+        ("dev-secret-change-me", "the development default"),
+        ("fifteen-bytes!!", "shorter than 16 bytes"),
+    ] {
+        let vars = with_secret(&env, secret);
+        let (code, out) = ingest_exit(&vars);
+        assert_eq!(code, Some(78), "a configuration error: {out}");
+        assert!(
+            out.contains(why)
+                && out.contains("OUTBOXD_WEBHOOK_SECRET")
+                && out.contains("ingest.allow_insecure_secret"),
+            "{out}"
+        );
+        assert!(!out.contains(secret), "the secret is never printed: {out}");
+
+        // `check` says the same.
+        let (code, out) = outboxd_with(&["check"], &vars);
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.contains("webhook     FAIL") && out.contains(why),
+            "{out}"
+        );
+        assert!(!out.contains(secret), "{out}");
+
+        // Development, said so, may use it, with a warning.
+        let mut dev = vars.clone();
+        dev.push((
+            "OUTBOXD__INGEST__ALLOW_INSECURE_SECRET".into(),
+            "true".into(),
+        ));
+        let (ingest, _port) = ingest_process(&dev).await;
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                ingest.log_text().contains("insecure webhook secret")
+            })
+            .await,
+            "{}",
+            ingest.log_text()
+        );
+        assert!(!ingest.log_text().contains(secret));
+        let (code, out) = outboxd_with(&["check"], &dev);
+        assert!(out.contains("webhook     ok"), "{code}: {out}");
+    }
+    // Sixteen bytes are enough.
+    let (ingest, port) = ingest_process(&with_secret(&env, "sixteen-bytes-ok")).await;
+    let http = common::http();
+    let status = http
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status.as_u16(), 200, "{}", ingest.log_text());
+}

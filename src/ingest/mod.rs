@@ -47,7 +47,14 @@ pub async fn run(
     listen: Option<SocketAddr>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let secret = config.webhook_secret()?;
+    let found = config.ingest_secret()?;
+    if let Some(weakness) = found.weakness() {
+        tracing::warn!(
+            source = %found.source,
+            "insecure webhook secret ({weakness}), allowed by `ingest.allow_insecure_secret`: for development only"
+        );
+    }
+    let secret = found.secret;
     let pool = db::pool(&config.database)?;
     let addr = listen.unwrap_or(config.ingest.listen);
     let listener = TcpListener::bind(addr)
