@@ -43,8 +43,11 @@ pub async fn run(config: &Config) -> anyhow::Result<u8> {
                     }
                     None => String::new(),
                 };
+                let shadows = found
+                    .shadows()
+                    .map_or(String::new(), |names| format!("; it shadows {names}"));
                 println!(
-                    "{:<11} ok    secret from {}{insecure}",
+                    "{:<11} ok    secret from {}{insecure}{shadows}",
                     "webhook", found.source
                 );
             }

@@ -570,6 +570,12 @@ pub struct WebhookSecret {
 }
 
 impl WebhookSecret {
+    /// The shadowed sources, named and joined, if any.
+    pub fn shadows(&self) -> Option<String> {
+        let names: Vec<String> = self.shadowed.iter().map(ToString::to_string).collect();
+        (!names.is_empty()).then(|| names.join(" and "))
+    }
+
     /// Why the secret is unfit outside development, if it is.
     pub fn weakness(&self) -> Option<&'static str> {
         let secret = self.secret.expose_secret();

@@ -1155,3 +1155,78 @@ async fn refuses_the_development_secret_or_a_short_one_outside_development() {
         .status();
     assert_eq!(status.as_u16(), 200, "{}", ingest.log_text());
 }
+
+#[tokio::test]
+async fn names_the_secret_source_that_won_and_those_it_shadows() {
+    const CREDENTIAL: &str = "credential-secret-not-used";
+    const FILE: &str = "file-secret-never-logged";
+    let env = TestEnv::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("webhook-secret"), format!("{CREDENTIAL}\n")).unwrap();
+    let file = dir.path().join("secret-file");
+    std::fs::write(&file, format!("{FILE}\n")).unwrap();
+    let mut vars = env.child_env();
+    vars.push((
+        "CREDENTIALS_DIRECTORY".into(),
+        dir.path().display().to_string(),
+    ));
+    vars.push((
+        "OUTBOXD__INGEST__WEBHOOK_SECRET_FILE".into(),
+        file.display().to_string(),
+    ));
+
+    let (ingest, port) = ingest_process(&vars).await;
+    let url = format!("http://127.0.0.1:{port}/webhooks/email");
+    let http = common::http();
+    // The environment variable wins: its signature is the one accepted.
+    let ts = now_stamp();
+    let by_credential = webhook::sign(CREDENTIAL.as_bytes(), &ts, SAMPLE.as_bytes());
+    let refused = http
+        .post(&url)
+        .header("content-type", "application/json")
+        .header(webhook::SIGNATURE_HEADER, by_credential)
+        .header(webhook::TIMESTAMP_HEADER, &ts)
+        .body(SAMPLE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 401);
+    assert_eq!(post_signed(&http, &url, SAMPLE).await.0, 202);
+    let log = ingest.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("webhook secret from"))
+        .unwrap_or_else(|| panic!("a start-up line names the source: {log}"));
+    assert!(
+        line.contains("\"source\":\"OUTBOXD_WEBHOOK_SECRET\"")
+            && line.contains("ingest.webhook_secret_file")
+            && line.contains("credential `webhook-secret`"),
+        "{line}"
+    );
+    for secret in [SECRET, CREDENTIAL, FILE] {
+        assert!(!log.contains(secret), "{log}");
+    }
+    drop(ingest);
+
+    // Without the variable the file wins over the credential; `check` says so too.
+    vars.retain(|(k, _)| k != "OUTBOXD_WEBHOOK_SECRET");
+    let (ingest, _port) = ingest_process(&vars).await;
+    let log = ingest.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("webhook secret from"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        line.contains("\"source\":\"`ingest.webhook_secret_file`")
+            && line.contains("credential `webhook-secret`"),
+        "{line}"
+    );
+    let (code, out) = outboxd_with(&["check"], &vars);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("webhook     ok    secret from `ingest.webhook_secret_file`")
+            && out.contains("shadows the systemd credential `webhook-secret`"),
+        "{out}"
+    );
+    assert!(!out.contains(FILE) && !out.contains(CREDENTIAL), "{out}");
+}

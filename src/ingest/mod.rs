@@ -48,6 +48,17 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let found = config.ingest_secret()?;
+    // Named, never shown: which source won, and any it shadows (a stale
+    // variable left beside a rotated credential would fail every signature).
+    match found.shadows() {
+        None => tracing::info!(source = %found.source, "webhook secret from {}", found.source),
+        Some(shadowed) => tracing::warn!(
+            source = %found.source,
+            shadowed,
+            "webhook secret from {}; it shadows {shadowed}, which ingest ignores",
+            found.source
+        ),
+    }
     if let Some(weakness) = found.weakness() {
         tracing::warn!(
             source = %found.source,
