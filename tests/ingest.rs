@@ -484,12 +484,16 @@ async fn postgres_down_gives_503_then_recovers_without_restart() {
     })
     .await;
     assert!(recovered, "ingest serves again once PostgreSQL is back");
-    let response = http
-        .get(format!("http://{}/readyz", ingest.addr))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 200);
+    // A readiness answer serves every probe for a second.
+    let readyz = format!("http://{}/readyz", ingest.addr);
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            let (http, readyz) = (http.clone(), readyz.clone());
+            async move { http.get(readyz).send().await.unwrap().status().as_u16() == 200 }
+        })
+        .await,
+        "ready again"
+    );
     assert_eq!(rows(&env).await, (2, 2, 2));
     ingest.stop().await;
 }
@@ -1229,4 +1233,86 @@ async fn names_the_secret_source_that_won_and_those_it_shadows() {
         "{out}"
     );
     assert!(!out.contains(FILE) && !out.contains(CREDENTIAL), "{out}");
+}
+
+/// Transactions PostgreSQL has counted in this test's database, once every
+/// other session there has ended (a session's counts arrive when it ends).
+async fn committed_once_idle(env: &TestEnv) -> i64 {
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            env.count(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+            .await
+                == 0
+        })
+        .await,
+        "the other sessions end"
+    );
+    env.count(
+        "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_readyz_flood_costs_postgresql_one_check_a_second_and_webhooks_still_get_202() {
+    const FLOODERS: usize = 16;
+    const PROBES_EACH: usize = 60;
+    const WEBHOOKS: u64 = 20;
+    let env = TestEnv::new().await;
+    let mut vars = env.child_env();
+    // A tiny pool: each probe that reached PostgreSQL would hold one of two.
+    vars.push(("OUTBOXD__DATABASE__POOL_SIZE".into(), "2".into()));
+    let before = committed_once_idle(&env).await;
+    let started = std::time::Instant::now();
+    let (mut ingest, port) = ingest_process(&vars).await;
+    let http = common::http();
+    let flood: Vec<_> = (0..FLOODERS)
+        .map(|_| {
+            let (http, url) = (http.clone(), format!("http://127.0.0.1:{port}/readyz"));
+            tokio::spawn(async move {
+                let mut ready = 0;
+                for _ in 0..PROBES_EACH {
+                    let r = http.get(&url).send().await.unwrap();
+                    ready += usize::from(r.status().as_u16() == 200);
+                }
+                ready
+            })
+        })
+        .collect();
+    let url = format!("http://127.0.0.1:{port}/webhooks/email");
+    let webhooks: Vec<_> = (0..WEBHOOKS)
+        .map(|n| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move {
+                let body = event(n, &format!("C-{n}"), "K", "1.00");
+                post_signed(&http, &url, &body).await.0
+            })
+        })
+        .collect();
+    for w in webhooks {
+        assert_eq!(w.await.unwrap(), 202, "a webhook during the flood");
+    }
+    let mut ready = 0;
+    for f in flood {
+        ready += f.await.unwrap();
+    }
+    assert_eq!(ready, FLOODERS * PROBES_EACH, "every probe answered ready");
+    ingest.signal("TERM");
+    ingest
+        .wait_timeout(Duration::from_secs(15))
+        .expect("ingest stops");
+    let seconds = started.elapsed().as_secs() as i64;
+    let committed = committed_once_idle(&env).await - before;
+    // Each webhook costs a transaction and at most one NOTIFY; start-up and
+    // statement preparation a few more. Probes reaching PostgreSQL one by one
+    // would add about a thousand.
+    let budget = 2 * WEBHOOKS as i64 + 20 + 2 * (seconds + 1);
+    assert!(
+        committed <= budget,
+        "{committed} transactions in {seconds} s for {WEBHOOKS} webhooks and {} probes (budget {budget})",
+        FLOODERS * PROBES_EACH
+    );
 }

@@ -39,7 +39,17 @@ pub struct App {
     pub config: IngestConfig,
     pub metrics: PrometheusHandle,
     pub notifier: Notifier,
+    /// The last readiness answer and when it was found: every `/readyz`
+    /// within a second shares it, so a flood of probes costs PostgreSQL one
+    /// check a second and takes no pool connections from webhooks.
+    readiness: tokio::sync::Mutex<Option<(Instant, Readiness)>>,
 }
+
+/// Ready, or why not.
+type Readiness = Result<(), &'static str>;
+
+/// How long one readiness answer serves every probe.
+const READINESS_TTL: Duration = Duration::from_secs(1);
 
 /// Runs the daemon until `shutdown`: binds, reports ready to systemd, serves.
 pub async fn run(
@@ -105,6 +115,7 @@ impl App {
             config: config.ingest.clone(),
             metrics: crate::telemetry::init_metrics(&[]),
             notifier,
+            readiness: tokio::sync::Mutex::new(None),
         })
     }
 }
@@ -175,7 +186,28 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
 }
 
 async fn readyz(app: &App) -> Response<Full<Bytes>> {
-    // Ready means writable: a read-only server answers every webhook 503.
+    match readiness(app).await {
+        Ok(()) => http::json(StatusCode::OK, &json!({"status": "ready"})),
+        Err(message) => unavailable(message),
+    }
+}
+
+/// The cached answer while it is fresh, else one new check. Probes that come
+/// during the check wait for it (the lock) rather than start their own.
+async fn readiness(app: &App) -> Readiness {
+    let mut cached = app.readiness.lock().await;
+    if let Some((at, answer)) = *cached
+        && at.elapsed() < READINESS_TTL
+    {
+        return answer;
+    }
+    let answer = check_ready(app).await;
+    *cached = Some((Instant::now(), answer));
+    answer
+}
+
+/// Ready means writable: a read-only server answers every webhook 503.
+async fn check_ready(app: &App) -> Readiness {
     const DOWN: &str = "PostgreSQL is unavailable";
     let check = async {
         let client = app.pool.get().await.map_err(|_| DOWN)?;
@@ -189,11 +221,9 @@ async fn readyz(app: &App) -> Response<Full<Bytes>> {
         }
         Ok(())
     };
-    match tokio::time::timeout(Duration::from_secs(2), check).await {
-        Ok(Ok(())) => http::json(StatusCode::OK, &json!({"status": "ready"})),
-        Ok(Err(message)) => unavailable(message),
-        Err(_) => unavailable(DOWN),
-    }
+    tokio::time::timeout(Duration::from_secs(2), check)
+        .await
+        .unwrap_or(Err(DOWN))
 }
 
 fn unavailable(message: &str) -> Response<Full<Bytes>> {
