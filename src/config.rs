@@ -54,6 +54,8 @@ pub struct MongoConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
     pub listen: SocketAddr,
+    /// Serve `/metrics` here instead of on `listen`.
+    pub metrics_listen: Option<SocketAddr>,
     pub webhook_secret_file: Option<PathBuf>,
     /// Development only: start with the default or a short webhook secret.
     pub allow_insecure_secret: bool,
@@ -153,6 +155,7 @@ impl Default for IngestConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".parse().expect("literal address"),
+            metrics_listen: None,
             webhook_secret_file: None,
             allow_insecure_secret: false,
             timestamp_tolerance_s: 300,

@@ -1316,3 +1316,65 @@ async fn a_readyz_flood_costs_postgresql_one_check_a_second_and_webhooks_still_g
         FLOODERS * PROBES_EACH
     );
 }
+
+#[tokio::test]
+async fn metrics_move_to_their_own_address_when_metrics_listen_is_set() {
+    let env = TestEnv::new().await;
+    let metrics_port = free_port();
+    let mut vars = env.child_env();
+    vars.push((
+        "OUTBOXD__INGEST__METRICS_LISTEN".into(),
+        format!("127.0.0.1:{metrics_port}"),
+    ));
+    let (ingest, port) = ingest_process(&vars).await;
+    let http = common::http();
+    let base = format!("http://127.0.0.1:{port}");
+    assert_eq!(
+        post_signed(&http, &format!("{base}/webhooks/email"), SAMPLE)
+            .await
+            .0,
+        202
+    );
+    // The webhook's address no longer serves them, whatever the method.
+    for method in [
+        reqwest::Method::GET,
+        reqwest::Method::HEAD,
+        reqwest::Method::POST,
+    ] {
+        let status = http
+            .request(method.clone(), format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(
+            status.as_u16(),
+            404,
+            "{method} /metrics on the main address"
+        );
+    }
+    let metrics = http
+        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status().as_u16(), 200, "{}", ingest.log_text());
+    let text = metrics.text().await.unwrap();
+    assert!(
+        text.contains("outboxd_http_requests_total") && text.contains("route=\"/webhooks/email\""),
+        "{text}"
+    );
+    let health = http
+        .get(format!("http://127.0.0.1:{metrics_port}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    // And the metrics address serves nothing else.
+    let webhook = http
+        .post(format!("http://127.0.0.1:{metrics_port}/webhooks/email"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(webhook.status().as_u16(), 404);
+}

@@ -81,6 +81,12 @@ pub async fn run(
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (`ingest.listen` / --listen)"))?;
+    let metrics_listener = match config.ingest.metrics_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} (`ingest.metrics_listen` / --metrics-listen)")
+        })?),
+        None => None,
+    };
     match pool.get().await {
         Ok(client) => crate::migrate::warn_unless_current(&client).await,
         Err(e) => {
@@ -93,8 +99,19 @@ pub async fn run(
     tracing::info!(listen = %listener.local_addr()?, "ingest listening");
     systemd::ready();
     let watchdog = systemd::spawn_watchdog(shutdown.clone(), None);
+    // Scraped through the drain too: it stops with the notifier.
+    let metrics = metrics_listener.map(|listener| {
+        tokio::spawn(http::serve_metrics(
+            listener,
+            app.metrics.clone(),
+            drained.clone(),
+        ))
+    });
     serve(listener, app, shutdown).await;
     drained.cancel();
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
     watchdog.abort();
     tracing::info!("ingest stopped");
     Ok(())
@@ -141,6 +158,8 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     // connection when it closes: the answer says the connection ends.
     let unread_body = !req.body().is_end_stream();
     let probe = matches!(*req.method(), Method::GET | Method::HEAD);
+    // With `ingest.metrics_listen`, /metrics lives there alone.
+    let metrics_here = app.config.metrics_listen.is_none();
     let (name, response) = match (req.method(), req.uri().path()) {
         (&Method::POST, "/webhooks/email") => ("/webhooks/email", webhook(&app, req).await),
         (_, "/healthz") if probe => (
@@ -148,7 +167,7 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
             http::json(StatusCode::OK, &json!({"status": "ok"})),
         ),
         (_, "/readyz") if probe => ("/readyz", readyz(&app).await),
-        (_, "/metrics") if probe => (
+        (_, "/metrics") if probe && metrics_here => (
             "/metrics",
             http::text(
                 StatusCode::OK,
@@ -156,7 +175,9 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 "text/plain; version=0.0.4",
             ),
         ),
-        (_, path @ ("/webhooks/email" | "/healthz" | "/readyz" | "/metrics")) => {
+        (_, path @ ("/webhooks/email" | "/healthz" | "/readyz" | "/metrics"))
+            if path != "/metrics" || metrics_here =>
+        {
             let allow = if path == "/webhooks/email" {
                 "POST"
             } else {
