@@ -57,6 +57,8 @@ run: ## services, migrate, then run ingest + relay in the foreground (Ctrl-C sto
 	$(CARGO) build --locked
 	"$(OUTBOXD)" migrate
 	export OUTBOXD_WEBHOOK_SECRET="$${OUTBOXD_WEBHOOK_SECRET:-dev-secret-change-me}"
+	# Development: ingest accepts the development (or a short) secret only when told so.
+	export OUTBOXD__INGEST__ALLOW_INSECURE_SECRET="$${OUTBOXD__INGEST__ALLOW_INSECURE_SECRET:-true}"
 	if [ "$$OUTBOXD_WEBHOOK_SECRET" = dev-secret-change-me ]; then
 		echo "make run: NOTE: using the development webhook secret 'dev-secret-change-me';" \
 			"set OUTBOXD_WEBHOOK_SECRET for anything real" >&2

@@ -1,4 +1,5 @@
-//! `outboxd check`: one line per dependency, non-zero exit when one is unreachable.
+//! `outboxd check`: one line per dependency and for the webhook secret, non-zero
+//! exit when one is unreachable or the secret is unfit for ingest.
 
 use std::time::Duration;
 
@@ -29,6 +30,37 @@ pub async fn run(config: &Config) -> anyhow::Result<u8> {
                 );
             }
         }
+    }
+    // Only ingest needs a secret: a relay's host may have none.
+    if config.has_webhook_secret() {
+        match config.ingest_secret() {
+            Ok(found) => {
+                let insecure = match found.weakness() {
+                    Some(weakness) => {
+                        format!(
+                            " (insecure: {weakness}; allowed by `ingest.allow_insecure_secret`)"
+                        )
+                    }
+                    None => String::new(),
+                };
+                let shadows = found
+                    .shadows()
+                    .map_or(String::new(), |names| format!("; it shadows {names}"));
+                println!(
+                    "{:<11} ok    secret from {}{insecure}{shadows}",
+                    "webhook", found.source
+                );
+            }
+            Err(e) => {
+                ok = false;
+                println!("{:<11} FAIL  {e:#}", "webhook");
+            }
+        }
+    } else {
+        println!(
+            "{:<11} none  not configured here (only ingest needs it)",
+            "webhook"
+        );
     }
     Ok(if ok { 0 } else { 1 })
 }

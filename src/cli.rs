@@ -31,6 +31,10 @@ pub enum Command {
         /// Address to listen on (overrides `ingest.listen`).
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Serve Prometheus metrics on this address instead of the listen
+        /// address (overrides `ingest.metrics_listen`).
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Relay outbox rows to MongoDB; run as many as you like.
     #[command(

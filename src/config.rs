@@ -108,7 +108,11 @@ impl MongoConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
     pub listen: SocketAddr,
+    /// Serve `/metrics` here instead of on `listen`.
+    pub metrics_listen: Option<SocketAddr>,
     pub webhook_secret_file: Option<PathBuf>,
+    /// Development only: start with the default or a short webhook secret.
+    pub allow_insecure_secret: bool,
     pub timestamp_tolerance_s: u64,
     pub body_limit_bytes: usize,
     pub idempotency_ttl_s: u64,
@@ -207,7 +211,9 @@ impl Default for IngestConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".parse().expect("literal address"),
+            metrics_listen: None,
             webhook_secret_file: None,
+            allow_insecure_secret: false,
             timestamp_tolerance_s: 300,
             body_limit_bytes: 1024 * 1024,
             idempotency_ttl_s: 24 * 3600,
@@ -515,31 +521,131 @@ impl Config {
 
     /// The webhook secret: `OUTBOXD_WEBHOOK_SECRET`, then `ingest.webhook_secret_file`,
     /// then the systemd credential `webhook-secret`. Failing is a configuration error.
-    pub fn webhook_secret(&self) -> anyhow::Result<SecretString> {
+    pub fn webhook_secret(&self) -> anyhow::Result<WebhookSecret> {
         self.find_webhook_secret()
             .map_err(|e| Invalid(format!("{e:#}")).into())
     }
 
-    fn find_webhook_secret(&self) -> anyhow::Result<SecretString> {
-        if let Ok(secret) = std::env::var("OUTBOXD_WEBHOOK_SECRET")
-            && !secret.is_empty()
+    /// The webhook secret ingest may serve with: not the development default,
+    /// nor shorter than 16 bytes, unless `ingest.allow_insecure_secret`.
+    pub fn ingest_secret(&self) -> anyhow::Result<WebhookSecret> {
+        let found = self.webhook_secret()?;
+        if let Some(weakness) = found.weakness()
+            && !self.ingest.allow_insecure_secret
         {
-            return Ok(secret.into());
+            return Err(Invalid(format!(
+                "invalid configuration: the webhook secret from {} is {weakness}; \
+                 use a random secret of at least {MIN_SECRET_BYTES} bytes (the Zendesk \
+                 webhook's signing secret), or, for development only, set \
+                 `ingest.allow_insecure_secret = true`",
+                found.source
+            ))
+            .into());
+        }
+        Ok(found)
+    }
+
+    /// Whether any source of a webhook secret is present (only ingest needs one).
+    pub fn has_webhook_secret(&self) -> bool {
+        !self.webhook_secret_sources().is_empty()
+    }
+
+    /// The sources present, in order of precedence; none is read yet.
+    fn webhook_secret_sources(&self) -> Vec<SecretSource> {
+        let mut sources = Vec::new();
+        if std::env::var_os("OUTBOXD_WEBHOOK_SECRET").is_some_and(|v| !v.is_empty()) {
+            sources.push(SecretSource::Env);
         }
         if let Some(path) = &self.ingest.webhook_secret_file {
-            let secret = read_secret_file(path)
-                .with_context(|| format!("`ingest.webhook_secret_file` ({})", path.display()))?;
-            return Ok(secret);
+            sources.push(SecretSource::File(path.clone()));
         }
         if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY")
-            && let Some(secret) = read_credential(Path::new(&dir), "webhook-secret")?
+            && Path::new(&dir).join(SECRET_CREDENTIAL).exists()
         {
-            return Ok(secret);
+            sources.push(SecretSource::Credential(PathBuf::from(dir)));
         }
-        bail!(
-            "no webhook secret: set OUTBOXD_WEBHOOK_SECRET, or `ingest.webhook_secret_file`, \
-             or a systemd credential named `webhook-secret`"
-        )
+        sources
+    }
+
+    fn find_webhook_secret(&self) -> anyhow::Result<WebhookSecret> {
+        let mut sources = self.webhook_secret_sources().into_iter();
+        let Some(source) = sources.next() else {
+            bail!(
+                "no webhook secret: set OUTBOXD_WEBHOOK_SECRET, or `ingest.webhook_secret_file`, \
+                 or a systemd credential named `{SECRET_CREDENTIAL}`"
+            )
+        };
+        let secret = match &source {
+            SecretSource::Env => std::env::var("OUTBOXD_WEBHOOK_SECRET")
+                .context("OUTBOXD_WEBHOOK_SECRET is not valid UTF-8")?
+                .into(),
+            SecretSource::File(path) => read_secret_file(path)
+                .with_context(|| format!("`ingest.webhook_secret_file` ({})", path.display()))?,
+            SecretSource::Credential(dir) => read_credential(dir, SECRET_CREDENTIAL)?
+                .context("the credential `webhook-secret` vanished while being read")?,
+        };
+        Ok(WebhookSecret {
+            secret,
+            source,
+            shadowed: sources.collect(),
+        })
+    }
+}
+
+/// The development secret `make run` uses; refused outside development.
+pub const DEV_WEBHOOK_SECRET: &str = "dev-secret-change-me";
+/// The shortest webhook secret ingest accepts outside development.
+pub const MIN_SECRET_BYTES: usize = 16;
+const SECRET_CREDENTIAL: &str = "webhook-secret";
+
+/// Where a webhook secret comes from; logged by name, never with the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    Env,
+    File(PathBuf),
+    /// The systemd credential, in this `$CREDENTIALS_DIRECTORY`.
+    Credential(PathBuf),
+}
+
+impl std::fmt::Display for SecretSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretSource::Env => f.write_str("OUTBOXD_WEBHOOK_SECRET"),
+            SecretSource::File(path) => {
+                write!(f, "`ingest.webhook_secret_file` ({})", path.display())
+            }
+            SecretSource::Credential(_) => {
+                write!(f, "the systemd credential `{SECRET_CREDENTIAL}`")
+            }
+        }
+    }
+}
+
+/// The webhook secret, the source it came from, and the sources it shadows.
+pub struct WebhookSecret {
+    pub secret: SecretString,
+    pub source: SecretSource,
+    /// Sources also present but of lower precedence, so not used.
+    pub shadowed: Vec<SecretSource>,
+}
+
+impl WebhookSecret {
+    /// The shadowed sources, named and joined, if any.
+    pub fn shadows(&self) -> Option<String> {
+        let names: Vec<String> = self.shadowed.iter().map(ToString::to_string).collect();
+        (!names.is_empty()).then(|| names.join(" and "))
+    }
+
+    /// Why the secret is unfit outside development, if it is.
+    pub fn weakness(&self) -> Option<&'static str> {
+        let secret = self.secret.expose_secret();
+        if secret == DEV_WEBHOOK_SECRET {
+            Some("the development default that `make run` uses")
+        } else if secret.len() < MIN_SECRET_BYTES {
+            Some("shorter than 16 bytes")
+        } else {
+            None
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! The HTTP/1 server loop shared by ingest and the relay's metrics endpoint:
+//! The HTTP/1 server loop shared by ingest and the metrics endpoints:
 //! a connection limit, header read and write timeouts, and graceful shutdown.
 
 use std::convert::Infallible;
@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -107,4 +107,39 @@ pub async fn serve<H, F>(
 /// An error answer: `{"error": message}`.
 pub fn status_only(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
     json(status, &serde_json::json!({ "error": message }))
+}
+
+/// Serves `GET /metrics` (and `/healthz`) on a listener of their own, as
+/// `relay.metrics_listen` and `ingest.metrics_listen` ask, until `shutdown`.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    shutdown: CancellationToken,
+) {
+    let limits = Limits {
+        max_connections: 64,
+        header_read_timeout: Duration::from_secs(5),
+        write_timeout: Duration::from_secs(5),
+        shutdown_timeout: Duration::from_secs(1),
+    };
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(listen = %addr, "metrics listening");
+    }
+    serve(listener, limits, shutdown, move |req| {
+        let metrics = metrics.clone();
+        async move {
+            match (req.method(), req.uri().path()) {
+                (&Method::GET, "/metrics") => text(
+                    StatusCode::OK,
+                    metrics.render(),
+                    "text/plain; version=0.0.4",
+                ),
+                (&Method::GET, "/healthz") => {
+                    json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+                }
+                _ => status_only(StatusCode::NOT_FOUND, "not found"),
+            }
+        }
+    })
+    .await;
 }

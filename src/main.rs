@@ -65,9 +65,15 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command, mut config: Config) -> anyhow::Result<u8> {
     match command {
         Command::Migrate => migrate::command(&config).await,
-        Command::Ingest { listen } => ingest::run(&config, listen, shutdown::on_signal())
-            .await
-            .map(|_| 0),
+        Command::Ingest {
+            listen,
+            metrics_listen,
+        } => {
+            config.ingest.metrics_listen = metrics_listen.or(config.ingest.metrics_listen);
+            ingest::run(&config, listen, shutdown::on_signal())
+                .await
+                .map(|_| 0)
+        }
         Command::Relay { id, metrics_listen } => {
             config.relay.id = id.or(config.relay.id);
             config.relay.metrics_listen = metrics_listen.or(config.relay.metrics_listen);

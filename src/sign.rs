@@ -15,7 +15,7 @@ pub fn run(
     timestamp: Option<String>,
 ) -> anyhow::Result<()> {
     let body = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let secret = config.webhook_secret()?;
+    let secret = config.webhook_secret()?.secret;
     let timestamp =
         timestamp.unwrap_or_else(|| chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string());
     let signature = webhook::sign(secret.expose_secret().as_bytes(), &timestamp, &body);

@@ -484,12 +484,16 @@ async fn postgres_down_gives_503_then_recovers_without_restart() {
     })
     .await;
     assert!(recovered, "ingest serves again once PostgreSQL is back");
-    let response = http
-        .get(format!("http://{}/readyz", ingest.addr))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 200);
+    // A readiness answer serves every probe for a second.
+    let readyz = format!("http://{}/readyz", ingest.addr);
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            let (http, readyz) = (http.clone(), readyz.clone());
+            async move { http.get(readyz).send().await.unwrap().status().as_u16() == 200 }
+        })
+        .await,
+        "ready again"
+    );
     assert_eq!(rows(&env).await, (2, 2, 2));
     ingest.stop().await;
 }
@@ -1080,4 +1084,297 @@ async fn a_read_only_database_answers_503_not_500() {
     assert_eq!(statuses.last(), Some(&202), "{statuses:?}");
     assert_eq!(rows(&env).await, (1, 1, 1));
     ingest.stop().await;
+}
+
+/// `outboxd ingest` with `vars`, expected to stop at once: its exit code and
+/// everything it printed. `None` if it was still running after 15 s.
+fn ingest_exit(vars: &[(String, String)]) -> (Option<i32>, String) {
+    let mut ingest = Proc::spawn(&["ingest", "--listen", "127.0.0.1:0"], vars, "ingest");
+    let status = ingest.wait_timeout(Duration::from_secs(15));
+    (status.and_then(|s| s.code()), ingest.log_text())
+}
+
+/// The test environment with `secret` as `OUTBOXD_WEBHOOK_SECRET`.
+fn with_secret(env: &TestEnv, secret: &str) -> Vec<(String, String)> {
+    let mut vars = env.child_env();
+    vars.retain(|(k, _)| k != "OUTBOXD_WEBHOOK_SECRET");
+    vars.push(("OUTBOXD_WEBHOOK_SECRET".into(), secret.into()));
+    vars
+}
+
+#[tokio::test]
+async fn refuses_the_development_secret_or_a_short_one_outside_development() {
+    let env = TestEnv::new().await;
+    for (secret, why) in [
+        ("dev-secret-change-me", "the development default"),
+        ("fifteen-bytes!!", "shorter than 16 bytes"),
+    ] {
+        let vars = with_secret(&env, secret);
+        let (code, out) = ingest_exit(&vars);
+        assert_eq!(code, Some(78), "a configuration error: {out}");
+        assert!(
+            out.contains(why)
+                && out.contains("OUTBOXD_WEBHOOK_SECRET")
+                && out.contains("ingest.allow_insecure_secret"),
+            "{out}"
+        );
+        assert!(!out.contains(secret), "the secret is never printed: {out}");
+
+        // `check` says the same.
+        let (code, out) = outboxd_with(&["check"], &vars);
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.contains("webhook     FAIL") && out.contains(why),
+            "{out}"
+        );
+        assert!(!out.contains(secret), "{out}");
+
+        // Development, said so, may use it, with a warning.
+        let mut dev = vars.clone();
+        dev.push((
+            "OUTBOXD__INGEST__ALLOW_INSECURE_SECRET".into(),
+            "true".into(),
+        ));
+        let (ingest, _port) = ingest_process(&dev).await;
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                ingest.log_text().contains("insecure webhook secret")
+            })
+            .await,
+            "{}",
+            ingest.log_text()
+        );
+        assert!(!ingest.log_text().contains(secret));
+        let (code, out) = outboxd_with(&["check"], &dev);
+        assert!(out.contains("webhook     ok"), "{code}: {out}");
+    }
+    // Sixteen bytes are enough.
+    let (ingest, port) = ingest_process(&with_secret(&env, "sixteen-bytes-ok")).await;
+    let http = common::http();
+    let status = http
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status.as_u16(), 200, "{}", ingest.log_text());
+}
+
+#[tokio::test]
+async fn names_the_secret_source_that_won_and_those_it_shadows() {
+    const CREDENTIAL: &str = "credential-secret-not-used";
+    const FILE: &str = "file-secret-never-logged";
+    let env = TestEnv::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("webhook-secret"), format!("{CREDENTIAL}\n")).unwrap();
+    let file = dir.path().join("secret-file");
+    std::fs::write(&file, format!("{FILE}\n")).unwrap();
+    let mut vars = env.child_env();
+    vars.push((
+        "CREDENTIALS_DIRECTORY".into(),
+        dir.path().display().to_string(),
+    ));
+    vars.push((
+        "OUTBOXD__INGEST__WEBHOOK_SECRET_FILE".into(),
+        file.display().to_string(),
+    ));
+
+    let (ingest, port) = ingest_process(&vars).await;
+    let url = format!("http://127.0.0.1:{port}/webhooks/email");
+    let http = common::http();
+    // The environment variable wins: its signature is the one accepted.
+    let ts = now_stamp();
+    let by_credential = webhook::sign(CREDENTIAL.as_bytes(), &ts, SAMPLE.as_bytes());
+    let refused = http
+        .post(&url)
+        .header("content-type", "application/json")
+        .header(webhook::SIGNATURE_HEADER, by_credential)
+        .header(webhook::TIMESTAMP_HEADER, &ts)
+        .body(SAMPLE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 401);
+    assert_eq!(post_signed(&http, &url, SAMPLE).await.0, 202);
+    let log = ingest.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("webhook secret from"))
+        .unwrap_or_else(|| panic!("a start-up line names the source: {log}"));
+    assert!(
+        line.contains("\"source\":\"OUTBOXD_WEBHOOK_SECRET\"")
+            && line.contains("ingest.webhook_secret_file")
+            && line.contains("credential `webhook-secret`"),
+        "{line}"
+    );
+    for secret in [SECRET, CREDENTIAL, FILE] {
+        assert!(!log.contains(secret), "{log}");
+    }
+    drop(ingest);
+
+    // Without the variable the file wins over the credential; `check` says so too.
+    vars.retain(|(k, _)| k != "OUTBOXD_WEBHOOK_SECRET");
+    let (ingest, _port) = ingest_process(&vars).await;
+    let log = ingest.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("webhook secret from"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        line.contains("\"source\":\"`ingest.webhook_secret_file`")
+            && line.contains("credential `webhook-secret`"),
+        "{line}"
+    );
+    let (code, out) = outboxd_with(&["check"], &vars);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("webhook     ok    secret from `ingest.webhook_secret_file`")
+            && out.contains("shadows the systemd credential `webhook-secret`"),
+        "{out}"
+    );
+    assert!(!out.contains(FILE) && !out.contains(CREDENTIAL), "{out}");
+}
+
+/// Transactions PostgreSQL has counted in this test's database, once every
+/// other session there has ended (a session's counts arrive when it ends).
+async fn committed_once_idle(env: &TestEnv) -> i64 {
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            env.count(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+            .await
+                == 0
+        })
+        .await,
+        "the other sessions end"
+    );
+    env.count(
+        "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_readyz_flood_costs_postgresql_one_check_a_second_and_webhooks_still_get_202() {
+    const FLOODERS: usize = 16;
+    const PROBES_EACH: usize = 60;
+    const WEBHOOKS: u64 = 20;
+    let env = TestEnv::new().await;
+    let mut vars = env.child_env();
+    // A tiny pool: each probe that reached PostgreSQL would hold one of two.
+    vars.push(("OUTBOXD__DATABASE__POOL_SIZE".into(), "2".into()));
+    let before = committed_once_idle(&env).await;
+    let started = std::time::Instant::now();
+    let (mut ingest, port) = ingest_process(&vars).await;
+    let http = common::http();
+    let flood: Vec<_> = (0..FLOODERS)
+        .map(|_| {
+            let (http, url) = (http.clone(), format!("http://127.0.0.1:{port}/readyz"));
+            tokio::spawn(async move {
+                let mut ready = 0;
+                for _ in 0..PROBES_EACH {
+                    let r = http.get(&url).send().await.unwrap();
+                    ready += usize::from(r.status().as_u16() == 200);
+                }
+                ready
+            })
+        })
+        .collect();
+    let url = format!("http://127.0.0.1:{port}/webhooks/email");
+    let webhooks: Vec<_> = (0..WEBHOOKS)
+        .map(|n| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move {
+                let body = event(n, &format!("C-{n}"), "K", "1.00");
+                post_signed(&http, &url, &body).await.0
+            })
+        })
+        .collect();
+    for w in webhooks {
+        assert_eq!(w.await.unwrap(), 202, "a webhook during the flood");
+    }
+    let mut ready = 0;
+    for f in flood {
+        ready += f.await.unwrap();
+    }
+    assert_eq!(ready, FLOODERS * PROBES_EACH, "every probe answered ready");
+    ingest.signal("TERM");
+    ingest
+        .wait_timeout(Duration::from_secs(15))
+        .expect("ingest stops");
+    let seconds = started.elapsed().as_secs() as i64;
+    let committed = committed_once_idle(&env).await - before;
+    // Each webhook costs a transaction and at most one NOTIFY; start-up and
+    // statement preparation a few more. Probes reaching PostgreSQL one by one
+    // would add about a thousand.
+    let budget = 2 * WEBHOOKS as i64 + 20 + 2 * (seconds + 1);
+    assert!(
+        committed <= budget,
+        "{committed} transactions in {seconds} s for {WEBHOOKS} webhooks and {} probes (budget {budget})",
+        FLOODERS * PROBES_EACH
+    );
+}
+
+#[tokio::test]
+async fn metrics_move_to_their_own_address_when_metrics_listen_is_set() {
+    let env = TestEnv::new().await;
+    let metrics_port = free_port();
+    let mut vars = env.child_env();
+    vars.push((
+        "OUTBOXD__INGEST__METRICS_LISTEN".into(),
+        format!("127.0.0.1:{metrics_port}"),
+    ));
+    let (ingest, port) = ingest_process(&vars).await;
+    let http = common::http();
+    let base = format!("http://127.0.0.1:{port}");
+    assert_eq!(
+        post_signed(&http, &format!("{base}/webhooks/email"), SAMPLE)
+            .await
+            .0,
+        202
+    );
+    // The webhook's address no longer serves them, whatever the method.
+    for method in [
+        reqwest::Method::GET,
+        reqwest::Method::HEAD,
+        reqwest::Method::POST,
+    ] {
+        let status = http
+            .request(method.clone(), format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(
+            status.as_u16(),
+            404,
+            "{method} /metrics on the main address"
+        );
+    }
+    let metrics = http
+        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status().as_u16(), 200, "{}", ingest.log_text());
+    let text = metrics.text().await.unwrap();
+    assert!(
+        text.contains("outboxd_http_requests_total") && text.contains("route=\"/webhooks/email\""),
+        "{text}"
+    );
+    let health = http
+        .get(format!("http://127.0.0.1:{metrics_port}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    // And the metrics address serves nothing else.
+    let webhook = http
+        .post(format!("http://127.0.0.1:{metrics_port}/webhooks/email"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(webhook.status().as_u16(), 404);
 }

@@ -28,7 +28,7 @@ trap cleanup EXIT
 DATABASE_URL="$url" "$bin" migrate >/dev/null
 
 port=$((20000 + RANDOM % 20000))
-DATABASE_URL="$url" OUTBOXD_WEBHOOK_SECRET=bench-secret OUTBOXD__LOG__FORMAT=json \
+DATABASE_URL="$url" OUTBOXD_WEBHOOK_SECRET=bench-secret-not-for-production OUTBOXD__LOG__FORMAT=json \
     valgrind --tool=callgrind --callgrind-out-file="$raw/cg.out" \
     "$bin" ingest --listen "127.0.0.1:$port" >"$raw/ingest.log" 2>&1 &
 vg=$!

@@ -2,7 +2,7 @@
 # load.py PORT N THREADS: N signed webhooks (distinct events) over keep-alive connections
 import sys, hmac, hashlib, base64, http.client, threading, random, datetime
 port, n, k = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-secret = b"bench-secret"
+secret = b"bench-secret-not-for-production"
 def body(r):
     return ('{"webhook_id":"evt-cg-%d","ticket_id":%d,"email":{"message_id":"<cg-%d@mail.sparkasse.example>","from":"forderungen@sparkasse.example",'
             '"subject":"Forderungsaufstellung Ihr Zeichen MP-%d","body":"Sehr geehrte Damen und Herren, die Forderung beträgt 1.234,56 €.",'

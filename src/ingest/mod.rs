@@ -39,7 +39,17 @@ pub struct App {
     pub config: IngestConfig,
     pub metrics: PrometheusHandle,
     pub notifier: Notifier,
+    /// The last readiness answer and when it was found: every `/readyz`
+    /// within a second shares it, so a flood of probes costs PostgreSQL one
+    /// check a second and takes no pool connections from webhooks.
+    readiness: tokio::sync::Mutex<Option<(Instant, Readiness)>>,
 }
+
+/// Ready, or why not.
+type Readiness = Result<(), &'static str>;
+
+/// How long one readiness answer serves every probe.
+const READINESS_TTL: Duration = Duration::from_secs(1);
 
 /// Runs the daemon until `shutdown`: binds, reports ready to systemd, serves.
 pub async fn run(
@@ -47,12 +57,36 @@ pub async fn run(
     listen: Option<SocketAddr>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let secret = config.webhook_secret()?;
+    let found = config.ingest_secret()?;
+    // Named, never shown: which source won, and any it shadows (a stale
+    // variable left beside a rotated credential would fail every signature).
+    match found.shadows() {
+        None => tracing::info!(source = %found.source, "webhook secret from {}", found.source),
+        Some(shadowed) => tracing::warn!(
+            source = %found.source,
+            shadowed,
+            "webhook secret from {}; it shadows {shadowed}, which ingest ignores",
+            found.source
+        ),
+    }
+    if let Some(weakness) = found.weakness() {
+        tracing::warn!(
+            source = %found.source,
+            "insecure webhook secret ({weakness}), allowed by `ingest.allow_insecure_secret`: for development only"
+        );
+    }
+    let secret = found.secret;
     let pool = db::pool(&config.database)?;
     let addr = listen.unwrap_or(config.ingest.listen);
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (`ingest.listen` / --listen)"))?;
+    let metrics_listener = match config.ingest.metrics_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} (`ingest.metrics_listen` / --metrics-listen)")
+        })?),
+        None => None,
+    };
     match pool.get().await {
         Ok(client) => crate::migrate::warn_unless_current(&client).await,
         Err(e) => {
@@ -65,8 +99,19 @@ pub async fn run(
     tracing::info!(listen = %listener.local_addr()?, "ingest listening");
     systemd::ready();
     let watchdog = systemd::spawn_watchdog(shutdown.clone(), None);
+    // Scraped through the drain too: it stops with the notifier.
+    let metrics = metrics_listener.map(|listener| {
+        tokio::spawn(http::serve_metrics(
+            listener,
+            app.metrics.clone(),
+            drained.clone(),
+        ))
+    });
     serve(listener, app, shutdown).await;
     drained.cancel();
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
     watchdog.abort();
     tracing::info!("ingest stopped");
     Ok(())
@@ -87,6 +132,7 @@ impl App {
             config: config.ingest.clone(),
             metrics: crate::telemetry::init_metrics(&[]),
             notifier,
+            readiness: tokio::sync::Mutex::new(None),
         })
     }
 }
@@ -112,6 +158,8 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     // connection when it closes: the answer says the connection ends.
     let unread_body = !req.body().is_end_stream();
     let probe = matches!(*req.method(), Method::GET | Method::HEAD);
+    // With `ingest.metrics_listen`, /metrics lives there alone.
+    let metrics_here = app.config.metrics_listen.is_none();
     let (name, response) = match (req.method(), req.uri().path()) {
         (&Method::POST, "/webhooks/email") => ("/webhooks/email", webhook(&app, req).await),
         (_, "/healthz") if probe => (
@@ -119,7 +167,7 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
             http::json(StatusCode::OK, &json!({"status": "ok"})),
         ),
         (_, "/readyz") if probe => ("/readyz", readyz(&app).await),
-        (_, "/metrics") if probe => (
+        (_, "/metrics") if probe && metrics_here => (
             "/metrics",
             http::text(
                 StatusCode::OK,
@@ -127,7 +175,9 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 "text/plain; version=0.0.4",
             ),
         ),
-        (_, path @ ("/webhooks/email" | "/healthz" | "/readyz" | "/metrics")) => {
+        (_, path @ ("/webhooks/email" | "/healthz" | "/readyz" | "/metrics"))
+            if path != "/metrics" || metrics_here =>
+        {
             let allow = if path == "/webhooks/email" {
                 "POST"
             } else {
@@ -157,7 +207,28 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
 }
 
 async fn readyz(app: &App) -> Response<Full<Bytes>> {
-    // Ready means writable: a read-only server answers every webhook 503.
+    match readiness(app).await {
+        Ok(()) => http::json(StatusCode::OK, &json!({"status": "ready"})),
+        Err(message) => unavailable(message),
+    }
+}
+
+/// The cached answer while it is fresh, else one new check. Probes that come
+/// during the check wait for it (the lock) rather than start their own.
+async fn readiness(app: &App) -> Readiness {
+    let mut cached = app.readiness.lock().await;
+    if let Some((at, answer)) = *cached
+        && at.elapsed() < READINESS_TTL
+    {
+        return answer;
+    }
+    let answer = check_ready(app).await;
+    *cached = Some((Instant::now(), answer));
+    answer
+}
+
+/// Ready means writable: a read-only server answers every webhook 503.
+async fn check_ready(app: &App) -> Readiness {
     const DOWN: &str = "PostgreSQL is unavailable";
     let check = async {
         let client = app.pool.get().await.map_err(|_| DOWN)?;
@@ -171,11 +242,9 @@ async fn readyz(app: &App) -> Response<Full<Bytes>> {
         }
         Ok(())
     };
-    match tokio::time::timeout(Duration::from_secs(2), check).await {
-        Ok(Ok(())) => http::json(StatusCode::OK, &json!({"status": "ready"})),
-        Ok(Err(message)) => unavailable(message),
-        Err(_) => unavailable(DOWN),
-    }
+    tokio::time::timeout(Duration::from_secs(2), check)
+        .await
+        .unwrap_or(Err(DOWN))
 }
 
 fn unavailable(message: &str) -> Response<Full<Bytes>> {

@@ -10,13 +10,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use backon::BackoffBuilder;
-use hyper::{Method, StatusCode};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::http::{self, Limits};
+use crate::http;
 use crate::systemd::{self, Heartbeat};
 use crate::{db, mongo, notify, outbox};
 use health::Health;
@@ -118,7 +117,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} (`relay.metrics_listen`)"))?;
-        tasks.spawn(serve_metrics(listener, metrics, background.clone()));
+        tasks.spawn(http::serve_metrics(listener, metrics, background.clone()));
     }
     let wakers: Vec<Arc<Notify>> = (0..config.relay.workers)
         .map(|_| Arc::new(Notify::new()))
@@ -223,39 +222,6 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     }
     tracing::info!(relay_id = %relay_id, "relay stopped");
     Ok(())
-}
-
-async fn serve_metrics(
-    listener: tokio::net::TcpListener,
-    metrics: metrics_exporter_prometheus::PrometheusHandle,
-    shutdown: CancellationToken,
-) {
-    let limits = Limits {
-        max_connections: 64,
-        header_read_timeout: Duration::from_secs(5),
-        write_timeout: Duration::from_secs(5),
-        shutdown_timeout: Duration::from_secs(1),
-    };
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(listen = %addr, "metrics listening");
-    }
-    http::serve(listener, limits, shutdown, move |req| {
-        let metrics = metrics.clone();
-        async move {
-            match (req.method(), req.uri().path()) {
-                (&Method::GET, "/metrics") => http::text(
-                    StatusCode::OK,
-                    metrics.render(),
-                    "text/plain; version=0.0.4",
-                ),
-                (&Method::GET, "/healthz") => {
-                    http::json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
-                }
-                _ => http::status_only(StatusCode::NOT_FOUND, "not found"),
-            }
-        }
-    })
-    .await;
 }
 
 /// Lease rescue (every poll interval) and the backlog gauges. Apart from the
