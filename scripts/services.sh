@@ -267,9 +267,15 @@ SQL
 }
 
 ensure_pg_tls() { # VER CONF
-    local ver="$1" conf="$2" dir="$2/outboxd-tls" ca="$STATE/pg-tls/ca.crt" tmp
+    local ver="$1" conf="$2" dir="$2/outboxd-tls" ca="$STATE/pg-tls/ca.crt" tmp made=""
+    # A new checkout makes a new CA: the server must load the certificate it signed.
     if ! as_root test -s "$dir/server.crt" || ! [ -s "$ca" ]; then
-        have openssl || die "openssl is needed to make PostgreSQL's test certificates" "apt-get install -y openssl"
+        made=1
+        if ! have openssl; then
+            log "openssl not found; installing Debian package 'openssl' (for the test certificates)"
+            { apt_update && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssl; } >&2 ||
+                die "could not install openssl with apt-get" "run as root: apt-get install -y openssl"
+        fi
         log "creating a test CA and a server certificate (localhost, 127.0.0.1) in $dir"
         tmp="$(mktemp -d)"
         openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=outboxd test CA" \
@@ -287,7 +293,8 @@ ensure_pg_tls() { # VER CONF
         cp "$tmp/ca.crt" "$ca"
         rm -rf "$tmp"
     fi
-    if [ "$(pg_super -tAc 'SHOW ssl')" != on ] || [ "$(pg_super -tAc 'SHOW ssl_cert_file')" != "$dir/server.crt" ]; then
+    if [ -n "$made" ] || [ "$(pg_super -tAc 'SHOW ssl')" != on ] ||
+        [ "$(pg_super -tAc 'SHOW ssl_cert_file')" != "$dir/server.crt" ]; then
         log "turning on TLS in PostgreSQL $ver/main with the test certificate"
         pg_super -c "ALTER SYSTEM SET ssl = on" -c "ALTER SYSTEM SET ssl_cert_file = '$dir/server.crt'" \
             -c "ALTER SYSTEM SET ssl_key_file = '$dir/server.key'" -c "SELECT pg_reload_conf()" >/dev/null
