@@ -2,6 +2,7 @@
 //! into `.tools/smtp-venv` on first use) on a free loopback port, storing each
 //! message it accepts as a file this harness reads.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -142,7 +143,7 @@ fn parse(files: &[PathBuf]) -> Vec<Mail> {
     const DECODE: &str = r#"
 import sys, json, email, email.policy
 out = []
-for path in sys.argv[1:]:
+for path in sys.stdin.read().splitlines():
     with open(path, "rb") as f:
         m = email.message_from_bytes(f.read(), policy=email.policy.default)
     out.append({"headers": [[k, str(v)] for k, v in m.items()], "body": m.get_content()})
@@ -151,11 +152,18 @@ print(json.dumps(out))
     if files.is_empty() {
         return Vec::new();
     }
-    let out = Command::new(python())
+    // The paths on stdin: a long campaign stores more than an argument list holds.
+    let mut child = Command::new(python())
         .args(["-c", DECODE])
-        .args(files)
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
         .unwrap();
+    let paths: String = files.iter().map(|f| format!("{}\n", f.display())).collect();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(paths.as_bytes()));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
     assert!(out.status.success(), "cannot parse the stored mails");
     let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     v.iter()
