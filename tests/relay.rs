@@ -1313,3 +1313,42 @@ async fn a_relay_whose_locks_could_fill_the_lock_table_refuses_to_start() {
         "says its share at start-up:\n{log}"
     );
 }
+
+/// A write whose connection fails once it was sent (a reset, the driver
+/// clearing its pool) may still land: it is unanswered, as after a timeout, so
+/// that its aggregate stays held, not transient, which would free it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_connection_fails_after_it_was_sent_is_unanswered() {
+    let env = TestEnv::new().await;
+    let ferret = Ferret::start().await;
+    let proxy = Proxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], ferret.port))).await;
+    let mut config = env.config();
+    config.mongodb.url = format!("mongodb://127.0.0.1:{}/{}", proxy.port, env.name).into();
+    config.mongodb.timeout_ms = 30_000;
+    let sink = mongo::connect(&config.mongodb).await.unwrap();
+    let first = sink.apply(&[claimed(1, "K/1", "1.00")], 1, far()).await;
+    assert_eq!(
+        first[&1],
+        Outcome::Applied,
+        "a first write through the proxy"
+    );
+
+    // The write leaves, FerretDB is frozen with it, and the connection dies.
+    ferret.signal("STOP");
+    let task = tokio::spawn(async move {
+        let mut second = claimed(2, "K/1", "2.00");
+        second.known = true;
+        sink.apply(&[second], 1, far()).await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.set_up(false);
+    let outcomes = tokio::time::timeout(Duration::from_secs(20), task).await;
+    ferret.signal("CONT");
+    let outcomes = outcomes
+        .expect("the write ends with its connection")
+        .unwrap();
+    assert!(
+        matches!(outcomes[&2], Outcome::Unanswered(_)),
+        "{outcomes:?}"
+    );
+}
