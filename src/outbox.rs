@@ -456,42 +456,24 @@ pub async fn unlock_aggregates(client: &impl GenericClient) -> Result<(), Error>
         .map(|_| ())
 }
 
-/// Gives held rows back untouched: `pending`, due now, attempts unchanged.
+/// Gives held rows back unwritten: `pending`, due now, attempts unchanged;
+/// `reason`, when given (an outage refused their writes), becomes their
+/// `last_error` for the DBA. Returns how many were still held.
 pub async fn release(
     client: &impl GenericClient,
     relay_id: &str,
     ids: &[i64],
     locked_until: DateTime<Utc>,
+    reason: Option<&str>,
 ) -> Result<u64, Error> {
     const SQL: &str = "
         UPDATE outbox_messages
         SET status = 'pending', locked_by = NULL, locked_until = NULL, next_attempt_at = now(),
-            updated_at = now()
+            last_error = coalesce($4, last_error), updated_at = now()
         WHERE id = ANY($1) AND status = 'processing' AND locked_by = $2 AND locked_until = $3";
     let stmt = client.prepare_cached(SQL).await?;
     client
-        .execute(&stmt, &[&ids, &relay_id, &locked_until])
-        .await
-}
-
-/// Gives held rows back after MongoDB refused their writes for a reason not
-/// their own (an outage): `pending`, due now, the attempt not counted, the
-/// error kept for the DBA. Returns how many were still held.
-pub async fn defer(
-    client: &impl GenericClient,
-    relay_id: &str,
-    ids: &[i64],
-    locked_until: DateTime<Utc>,
-    error: &str,
-) -> Result<u64, Error> {
-    const SQL: &str = "
-        UPDATE outbox_messages
-        SET status = 'pending', locked_by = NULL, locked_until = NULL, next_attempt_at = now(),
-            last_error = $4, updated_at = now()
-        WHERE id = ANY($1) AND status = 'processing' AND locked_by = $2 AND locked_until = $3";
-    let stmt = client.prepare_cached(SQL).await?;
-    client
-        .execute(&stmt, &[&ids, &relay_id, &locked_until, &error])
+        .execute(&stmt, &[&ids, &relay_id, &locked_until, &reason])
         .await
 }
 

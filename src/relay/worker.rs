@@ -352,22 +352,29 @@ fn transition_retry(config: &RelayConfig) -> ExponentialBuilder {
 
 /// Why rows go back unwritten.
 #[derive(Clone, Copy)]
-enum GivenBack {
+enum GivenBack<'a> {
     Untried,
     ShuttingDown,
     LeaseTooShort,
+    /// MongoDB refused every write of the batch (an outage): this reason is
+    /// kept as the rows' `last_error`.
+    Refused(&'a str),
 }
 
 /// Gives held rows back unwritten, with no attempt counted. Rows not given back
 /// had already lost their lease to rescue or a new holder: not ours to release.
-async fn give_back(shared: &Shared, held: &Object, batch: &Batch, ids: &[i64], why: GivenBack) {
+async fn give_back(shared: &Shared, held: &Object, batch: &Batch, ids: &[i64], why: GivenBack<'_>) {
     if ids.is_empty() {
         return;
     }
+    let reason = match why {
+        GivenBack::Refused(error) => Some(error),
+        _ => None,
+    };
     let released = (|| async {
         let client = connection(shared, held).await?;
         Ok::<_, anyhow::Error>(
-            outbox::release(&*client, &shared.relay_id, ids, batch.locked_until).await?,
+            outbox::release(&*client, &shared.relay_id, ids, batch.locked_until, reason).await?,
         )
     })
     .retry(transition_retry(&shared.config))
@@ -396,6 +403,10 @@ async fn give_back(shared: &Shared, held: &Object, batch: &Batch, ids: &[i64], w
         GivenBack::LeaseTooShort => tracing::warn!(
             rows = n, not_held, %relay_id, lease_s = shared.config.lease_s,
             "rows given back unwritten: the lease would end before their writes could finish; raise relay.lease_s or lower relay.batch_size"
+        ),
+        GivenBack::Refused(error) => tracing::debug!(
+            rows = n, not_held, %relay_id, error,
+            "MongoDB refused every write of the batch: rows given back, no attempt counted"
         ),
     }
 }
@@ -554,9 +565,9 @@ async fn await_unanswered(
     mark(shared, client, held, Vec::new(), &[], unanswered).await
 }
 
-/// Gives back rows whose writes an outage refused, their attempts not
-/// counted: they are due again at once, and the worker's backoff while
-/// MongoDB is down paces the next try. Rows no longer held were rescued.
+/// Gives back rows whose writes an outage refused, with the reason and no
+/// attempt counted: they are due again at once, and the worker's backoff while
+/// MongoDB is down paces the next try.
 async fn defer(
     shared: &Shared,
     held: &Object,
@@ -564,25 +575,7 @@ async fn defer(
     refused: BTreeMap<(bool, String), Vec<i64>>,
 ) {
     for ((_, error), ids) in refused {
-        let deferred = (|| async {
-            let client = connection(shared, held).await?;
-            Ok::<_, anyhow::Error>(
-                outbox::defer(&*client, &shared.relay_id, &ids, batch.locked_until, &error).await?,
-            )
-        })
-        .retry(transition_retry(&shared.config))
-        .when(is_transient)
-        .await;
-        match deferred {
-            Ok(n) => tracing::debug!(
-                rows = n, relay_id = %shared.relay_id, error = %error,
-                "MongoDB refused every write of the batch: rows given back, no attempt counted"
-            ),
-            Err(e) => tracing::warn!(
-                error = %db::summarize_any(&e), relay_id = %shared.relay_id, rows = ids.len(),
-                "could not give rows back; their leases will expire"
-            ),
-        }
+        give_back(shared, held, batch, &ids, GivenBack::Refused(&error)).await;
     }
 }
 
